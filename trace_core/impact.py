@@ -1,0 +1,365 @@
+"""Stage 3 of TRACE: the gold batch, the alignment direction g_F and exact impact scores.
+
+``g_F = grad_theta sum_{gold} L_DPO`` at theta_ref; for every conflict sample i,
+``s_i = <g_F, grad_theta L_i>`` at theta_ref; ``w_i = max(0, s_i) / sum_k max(0, s_k)`` (the sum
+replaced by 1 when it is 0). Gradients are over the trainable parameters (a LoRA adapter, or all
+weights under full fine-tuning).
+
+How the scores are computed (the cost note in method.md): the samples of a batch do not interact,
+so one batched backward of the summed losses carries each row's own output gradient ``d`` at
+every layer. For a linear layer ``y = W a + b`` the per-sample gradient is
+``sum_t d_t a_t^T`` (and ``sum_t d_t`` for the bias), so
+``<G, grad_W L_i> = sum_t d_{i,t} . (G a_{i,t})``: forward hooks compute ``G a`` (or keep ``a``),
+tensor hooks multiply with ``d`` when it arrives, and no per-sample weight gradient is ever
+formed. Embeddings (``G[token] . d``) and RMSNorm/LayerNorm scales (``d . (G * x_hat)``) work the
+same way. The backward is taken with respect to one scalar leaf added to the input embeddings,
+so autograd computes the activation gradients the hooks need and no weight gradient at all.
+The forward pass is the one at theta_ref, so it yields the reference log-probs too.
+
+``brute_force_scores`` is the authors' procedure (one backward per sample, flattened dot
+product); it is kept as the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trace_core.errors import TraceError
+from trace_core.logprobs import forward_logits, response_logps
+from trace_core.modeling import trainable_parameters
+from trace_core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
+from trace_core.tokenization import pad_sequences
+
+Progress = Callable[[int], None]
+
+
+# --------------------------------------------------------------------------- gold batch
+
+
+@dataclass(frozen=True)
+class GoldPair:
+    """A pair of the gold batch: ``preferred`` should win over ``dispreferred`` under the new policy."""
+
+    pair_id: str
+    prompt: object
+    preferred: str
+    dispreferred: str
+    source: str  # retain | invert | punish | user
+
+
+def build_gold_batch(
+    retain: Sequence,
+    invert: Sequence,
+    punish: Sequence,
+    compliant_pool: Sequence[str],
+    size: int = 64,
+    seed: int = 0,
+) -> list[GoldPair]:
+    """The gold batch of method.md, drawn from the training data with a fixed seed.
+
+    A third RETAIN pairs as they are, a third INVERT pairs flipped, the rest PUNISH prompts
+    paired as (a random compliant response from the pool, y_w). Pairs are objects with
+    ``pair_id, prompt, chosen, rejected``. When a type has too few pairs the others fill in.
+    """
+    rng = random.Random(seed)
+    want = {"retain": size // 3, "invert": size // 3}
+    want["punish"] = size - want["retain"] - want["invert"]
+    pools = {"retain": list(retain), "invert": list(invert), "punish": list(punish) if compliant_pool else []}
+    for pool in pools.values():
+        rng.shuffle(pool)
+    take = {k: min(want[k], len(pools[k])) for k in want}
+    short = size - sum(take.values())
+    for k in ("retain", "invert", "punish"):  # refill from the types that have more
+        extra = min(short, len(pools[k]) - take[k])
+        take[k] += extra
+        short -= extra
+    gold: list[GoldPair] = []
+    for p in pools["retain"][: take["retain"]]:
+        gold.append(GoldPair(p.pair_id, p.prompt, p.chosen, p.rejected, "retain"))
+    for p in pools["invert"][: take["invert"]]:
+        gold.append(GoldPair(p.pair_id, p.prompt, p.rejected, p.chosen, "invert"))
+    for p in pools["punish"][: take["punish"]]:
+        gold.append(GoldPair(p.pair_id, p.prompt, rng.choice(list(compliant_pool)), p.chosen, "punish"))
+    return gold
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _batches(n: int, batch_size: int, order: Sequence[int]) -> Iterable[list[int]]:
+    for start in range(0, n, batch_size):
+        yield list(order[start : start + batch_size])
+
+
+def _length_order(samples: Sequence[Sample]) -> list[int]:
+    """Sample indices sorted by their longest sequence, so batches carry little padding."""
+    return sorted(range(len(samples)), key=lambda i: max(len(s.input_ids) for s in samples[i].sequences))
+
+
+def _batch_logps(model, samples: Sequence[Sample], pad_token_id: int):
+    sequences, row_sample, row_slot = flatten_sequences(samples)
+    device = next(model.parameters()).device
+    batch = pad_sequences(sequences, pad_token_id).to(device)
+    logps = response_logps(forward_logits(model, batch), batch)
+    return gather_pairs(logps, row_sample.to(device), row_slot.to(device), len(samples)), row_sample
+
+
+def _kinds(samples: Sequence[Sample], device) -> torch.Tensor:
+    return torch.tensor([int(s.kind) for s in samples], dtype=torch.long, device=device)
+
+
+class _eval_mode:
+    """Scores are taken without dropout: the deterministic model at theta_ref."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+# --------------------------------------------------------------------------- g_F
+
+
+def gold_gradient(
+    model,
+    gold: Sequence[Sample],
+    beta: float,
+    pad_token_id: int,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> dict[nn.Parameter, torch.Tensor]:
+    """``g_F = grad sum_{gold} L_DPO`` at theta_ref, keyed by trainable parameter (float32)."""
+    params = [p for _, p in trainable_parameters(model)]
+    if not params:
+        raise TraceError("the model has no trainable parameters")
+    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    with _eval_mode(model):
+        for idx in _batches(len(gold), batch_size, _length_order(gold)):
+            chunk = [gold[i] for i in idx]
+            policy, _ = _batch_logps(model, chunk, pad_token_id)
+            loss = conflict_losses(_kinds(chunk, policy.device), policy, policy.detach(), beta).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a += g.float()
+            if progress:
+                progress(len(chunk))
+    return dict(zip(params, acc))
+
+
+# --------------------------------------------------------------------------- exact batched scores
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and (
+        hasattr(module, "variance_epsilon") or hasattr(module, "eps")
+    )
+
+
+class _ScoreHooks:
+    """Forward hooks that turn each row's output gradients into ``<g_F, grad L_row>``."""
+
+    def __init__(self, model: nn.Module, g_f: dict[nn.Parameter, torch.Tensor]):
+        self.g_f = {id(p): g for p, g in g_f.items()}
+        self.row_scores: torch.Tensor | None = None
+        self.dummy: torch.Tensor | None = None
+        self.handles = []
+        embeddings = model.get_input_embeddings()
+        # Registered first, so the scoring hook of a trainable embedding sees the sum.
+        self.handles.append(embeddings.register_forward_hook(self._add_dummy))
+        for name, module in model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            blocks = {n: self.g_f.get(id(p)) for n, p in own}
+            if all(g is None or not bool(g.any()) for g in blocks.values()):
+                continue  # g_F is exactly zero here (e.g. LoRA A at B = 0): no contribution
+            if isinstance(module, nn.Linear):
+                hook = self._linear_hook(blocks.get("weight"), blocks.get("bias"))
+            elif isinstance(module, nn.Embedding):
+                hook = self._embedding_hook(blocks.get("weight"), module)
+            elif isinstance(module, nn.LayerNorm):
+                hook = self._layer_norm_hook(blocks.get("weight"), blocks.get("bias"), module)
+            elif _is_rms_norm(module) and set(blocks) == {"weight"}:
+                hook = self._rms_norm_hook(blocks["weight"], module)
+            else:
+                self.remove()
+                raise TraceError(
+                    f"impact scores: trainable parameter '{name}.{own[0][0]}' of a {type(module).__name__} "
+                    "is not supported (supported: Linear, Embedding, LayerNorm, RMSNorm); freeze it or use LoRA"
+                )
+            self.handles.append(module.register_forward_hook(hook))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def start(self, n_rows: int, device):
+        self.row_scores = torch.zeros(n_rows, dtype=torch.float64, device=device)
+        self.dummy = torch.zeros((), device=device, requires_grad=True)
+
+    def _add_dummy(self, module, args, output):
+        return output + self.dummy.to(output.dtype)
+
+    def _accumulate(self, d: torch.Tensor, q: torch.Tensor):
+        self.row_scores += (d.float() * q).flatten(1).sum(1, dtype=torch.float64)
+
+    def _on_grad(self, output: torch.Tensor, make_q: Callable[[], torch.Tensor]):
+        output.register_hook(lambda d: self._accumulate(d, make_q()))
+
+    def _linear_hook(self, g_w, g_b):
+        def hook(module, args, output):
+            a = args[0]
+
+            def q():
+                out = F.linear(a.float(), g_w) if g_w is not None else torch.zeros_like(output, dtype=torch.float32)
+                return out + g_b if g_b is not None else out
+
+            if g_w is not None and module.out_features <= module.in_features:
+                ready = q()  # smaller than the input: keep G a instead of a
+                self._on_grad(output, lambda: ready)
+            else:
+                self._on_grad(output, q)
+
+        return hook
+
+    def _embedding_hook(self, g_w, module):
+        def hook(mod, args, output):
+            ids = args[0]
+            self._on_grad(output, lambda: F.embedding(ids, g_w))
+
+        return hook
+
+    def _rms_norm_hook(self, g_w, module):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+
+        def hook(mod, args, output):
+            x = args[0]
+
+            def q():
+                xf = x.float()
+                x_hat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+                return g_w * x_hat.float()
+
+            self._on_grad(output, q)
+
+        return hook
+
+    def _layer_norm_hook(self, g_w, g_b, module):
+        def hook(mod, args, output):
+            x = args[0]
+
+            def q():
+                x_hat = F.layer_norm(x.float(), mod.normalized_shape, None, None, mod.eps)
+                out = g_w * x_hat if g_w is not None else torch.zeros_like(x_hat)
+                return out + g_b if g_b is not None else out
+
+            self._on_grad(output, q)
+
+        return hook
+
+
+@dataclass
+class ScoreResult:
+    """Impact scores [S] (float64) and reference log-probs [S, 2] of the scored samples."""
+
+    scores: torch.Tensor
+    ref_logps: torch.Tensor
+
+
+def impact_scores(
+    model,
+    samples: Sequence[Sample],
+    g_f: dict[nn.Parameter, torch.Tensor],
+    beta: float,
+    pad_token_id: int,
+    punish_form: PunishForm = "trace",
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> ScoreResult:
+    """Exact ``s_i = <g_F, grad L_i>`` and the reference log-probs, from one batched pass per batch."""
+    n = len(samples)
+    scores = torch.zeros(n, dtype=torch.float64)
+    ref = torch.zeros((n, 2), dtype=torch.float32)
+    hooks = _ScoreHooks(model, g_f)
+    device = next(model.parameters()).device
+    try:
+        with _eval_mode(model), torch.enable_grad():
+            for idx in _batches(n, batch_size, _length_order(samples)):
+                chunk = [samples[i] for i in idx]
+                n_rows = sum(len(s.sequences) for s in chunk)
+                hooks.start(n_rows, device)
+                policy, row_sample = _batch_logps(model, chunk, pad_token_id)
+                losses = conflict_losses(_kinds(chunk, device), policy, policy.detach(), beta, punish_form)
+                torch.autograd.grad(losses.sum(), [hooks.dummy])
+                per_sample = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
+                    0, row_sample, hooks.row_scores.cpu()
+                )
+                index = torch.tensor(idx, dtype=torch.long)
+                scores[index] = per_sample
+                ref[index] = policy.detach().float().cpu()
+                if progress:
+                    progress(len(chunk))
+    finally:
+        hooks.remove()
+    return ScoreResult(scores, ref)
+
+
+def brute_force_scores(
+    model,
+    samples: Sequence[Sample],
+    g_f: dict[nn.Parameter, torch.Tensor],
+    beta: float,
+    pad_token_id: int,
+    punish_form: PunishForm = "trace",
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """The authors' procedure: per sample, one backward at batch size 1 and a flattened dot product."""
+    params = [p for _, p in trainable_parameters(model)]
+    flat_gf = torch.cat([g_f[p].reshape(-1).double() for p in params])
+    out = torch.zeros(len(samples), dtype=torch.float64)
+    with _eval_mode(model), torch.enable_grad():
+        for i, s in enumerate(samples):
+            policy, _ = _batch_logps(model, [s], pad_token_id)
+            loss = conflict_losses(_kinds([s], policy.device), policy, policy.detach(), beta, punish_form).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            flat = torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1).double() for g, p in zip(grads, params)]
+            )
+            out[i] = torch.dot(flat_gf, flat)
+            if progress:
+                progress(1)
+    return out
+
+
+@torch.no_grad()
+def reference_logps(
+    model, samples: Sequence[Sample], pad_token_id: int, batch_size: int = 8, progress: Progress | None = None
+) -> torch.Tensor:
+    """Reference log-probs [S, 2] without gradients (for samples that are not scored)."""
+    ref = torch.zeros((len(samples), 2), dtype=torch.float32)
+    with _eval_mode(model):
+        for idx in _batches(len(samples), batch_size, _length_order(samples)):
+            policy, _ = _batch_logps(model, [samples[i] for i in idx], pad_token_id)
+            ref[torch.tensor(idx, dtype=torch.long)] = policy.float().cpu()
+            if progress:
+                progress(len(idx))
+    return ref
+
+
+def impact_weights(scores: torch.Tensor) -> torch.Tensor:
+    """``w_i = max(0, s_i) / sum_k max(0, s_k)``; the denominator is 1 when the sum is 0."""
+    clipped = scores.clamp(min=0)
+    total = clipped.sum()
+    return clipped / (total if total > 0 else 1.0)

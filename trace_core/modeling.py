@@ -1,0 +1,105 @@
+"""Loading the aligned model, wrapping it with a LoRA adapter, and reaching its reference.
+
+With LoRA the reference model is the same model with the adapter disabled: one copy of the
+weights in memory. Under full fine-tuning the reference is a frozen copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trace_core.errors import TraceError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoraSettings:
+    """The authors' LoRA settings as defaults (method.md)."""
+
+    r: int = 32
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise TraceError(f"unknown dtype '{name}' (use float32 or bfloat16)") from None
+
+
+def load_tokenizer(model_path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """The causal LM in ``model_path`` (a local folder), in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model_path)
+    if not path.exists():
+        raise TraceError(f"model folder not found: {model_path}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as exc:
+        raise TraceError(f"{model_path}: cannot load a causal LM ({exc})") from None
+    return model.to(device).eval()
+
+
+def add_lora(model, settings: LoraSettings, seed: int = 0):
+    """Wrap ``model`` with a fresh LoRA adapter whose initial values are fixed by ``seed``."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            raise TraceError(f"lora.target_modules {settings.target_modules}: {exc}") from None
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):
+    """``model`` with the saved adapter in ``adapter_dir`` (e.g. the initial adapter used for scoring)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """Run ``model`` as the reference: a LoRA model with its adapter disabled."""
+    if not is_peft(model):
+        raise TraceError("reference_mode needs a LoRA model; full fine-tuning keeps a frozen reference copy")
+    with model.disable_adapter():
+        yield model

@@ -1,0 +1,127 @@
+"""Judge configuration: one pydantic model per backend, selected by ``backend``.
+
+Every model forbids unknown keys, so a misspelt setting (``max_concurency``) is rejected by name
+instead of silently taking its default. The openai backend's API key is never part of the config:
+``api_key_env`` names the environment variable that holds it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from trace_core.errors import ConfigError
+from trace_core.oracle.base import (
+    DEFAULT_CORRECTION_TEMPLATE,
+    DEFAULT_PROMPT_TEMPLATE,
+    DEFAULT_SYSTEM_TEMPLATE,
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Templates(_Strict):
+    """Chat templates shared by the LLM judges (placeholders: {policy}; {prompt}, {response})."""
+
+    system_template: str = DEFAULT_SYSTEM_TEMPLATE
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    correction_template: str = DEFAULT_CORRECTION_TEMPLATE
+    temperature: float = Field(0.3, ge=0.0, description="sampling temperature for corrections")
+    max_correction_tokens: int = Field(512, ge=1)
+    seed: int | None = 0
+
+
+class OpenAIJudgeConfig(_Templates):
+    """Any OpenAI-compatible chat endpoint (OpenAI, ``vllm serve``, ``transformers serve``, ...)."""
+
+    backend: Literal["openai"]
+    model: str
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the key; null for servers without auth"
+    )
+    max_concurrency: int = Field(16, ge=1, le=4096)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    retry_backoff_s: float = Field(1.0, ge=0, description="first retry wait; doubles per attempt, with jitter")
+    max_retry_wait_s: float = Field(60.0, ge=0, description="cap on any single wait, Retry-After included")
+    max_consecutive_failures: int | None = Field(
+        None, ge=1, description="abort after this many failed requests in a row (default: max(8, 2 * max_concurrency))"
+    )
+    use_structured_output: bool = False
+    structured_output: Literal["choice", "json_schema"] = Field(
+        "choice", description="choice: vLLM extra_body structured_outputs; json_schema: response_format"
+    )
+    logprobs: bool = True
+    top_logprobs: int = Field(5, ge=1, le=20)
+    max_answer_tokens: int = Field(1, ge=1)
+
+
+class TransformersJudgeConfig(_Templates):
+    """A local causal LM through transformers (CPU or GPU)."""
+
+    backend: Literal["transformers"]
+    model_path: str
+    batch_size: int = Field(8, ge=1)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_input_tokens: int | None = Field(None, ge=1, description="longer judge inputs become unknown verdicts")
+
+
+class VLLMJudgeConfig(_Templates):
+    """Offline vllm.LLM on a GPU."""
+
+    backend: Literal["vllm"]
+    model: str
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+    dtype: str = "auto"
+    top_logprobs: int = Field(5, ge=1, le=20)
+    shard_size: int = Field(4096, ge=1, description="items per LLM.chat call; answers are reported per shard")
+    enforce_eager: bool = False
+
+
+class AnnotationsJudgeConfig(_Strict):
+    """Compliance from data-set annotations under the policy's front-matter rules."""
+
+    backend: Literal["annotations"]
+
+
+JudgeConfig = Annotated[
+    Union[OpenAIJudgeConfig, TransformersJudgeConfig, VLLMJudgeConfig, AnnotationsJudgeConfig],
+    Field(discriminator="backend"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(JudgeConfig)
+BACKENDS = ("openai", "vllm", "transformers", "annotations")
+
+
+def parse_judge_config(config: dict[str, Any] | BaseModel, where: str = "judge") -> Any:
+    """Validate a judge config mapping; problems raise one-line ConfigError naming the setting."""
+    if isinstance(config, BaseModel):
+        if isinstance(config, (OpenAIJudgeConfig, TransformersJudgeConfig, VLLMJudgeConfig, AnnotationsJudgeConfig)):
+            return config
+        config = config.model_dump()
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {type(config).__name__}")
+    backend = config.get("backend")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}.backend: must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    try:
+        return _ADAPTER.validate_python(config)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + "; ".join(_describe(e, where) for e in exc.errors())) from None
+
+
+def _describe(error: dict[str, Any], where: str) -> str:
+    # The discriminated union puts the backend name first in the location; drop it.
+    loc = [str(p) for p in error["loc"] if p not in BACKENDS]
+    name = ".".join([where, *loc])
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting '{name}'"
+    if error["type"] == "missing":
+        return f"'{name}' is required"
+    return f"'{name}': {error['msg']}"

@@ -1,0 +1,343 @@
+"""The openai judge: any OpenAI-compatible chat endpoint (OpenAI, ``vllm serve``, ``transformers serve``).
+
+Requests run on one asyncio loop with at most ``max_concurrency`` in flight (that many workers
+pull from a shared queue, so a slow request never holds back the others). Each answer is handed
+to ``on_result`` as soon as it arrives, which lets the verdict cache commit it before the batch ends.
+
+Failures, and what becomes of them:
+
+* 429, 408, 409, 5xx, timeouts and connection errors are retried up to ``max_retries`` times. The
+  wait is the server's ``Retry-After`` / ``retry-after-ms`` when given, else ``retry_backoff_s``
+  doubled per attempt with jitter; every wait is capped at ``max_retry_wait_s``. The client's own
+  retries are off so that one policy, with its counts, applies. After the last retry the item gets
+  an unknown verdict marked transient (not cached: a rerun asks again).
+* Other 4xx (the server rejected this request: too long, refused by a content filter) give an
+  unknown verdict, also transient: such errors usually come from the server or the settings, and a
+  rerun after fixing them should ask again rather than replay a cached failure.
+* A completion whose text is not Yes/No (or fails the JSON schema) is an answer: unknown with the
+  reason, cached as final, so a garbage answer is not paid for twice.
+* Problems that affect every request end the run with one TraceError naming the URL: 401/403 (the
+  key), 404 (model or endpoint), a connection error before any request has succeeded (unreachable
+  base URL), and ``max_consecutive_failures`` failed requests in a row (the server went away).
+  Answers already received were handed to ``on_result`` and stay cached.
+
+The API key is read from the environment variable ``api_key_env`` names; it is kept only inside the
+client, and scrubbed from any server message quoted in an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import openai
+
+from trace_core.errors import ConfigError, TraceError
+from trace_core.oracle.base import ANSWERS, ChatTemplates, Judge, JudgeItem, OnResult, Verdict, token_word, verdict_from_answer
+from trace_core.oracle.config import OpenAIJudgeConfig
+from trace_core.policy import Policy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RETRY_STATUS = {408, 409, 425, 429}
+_JSON_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "verdict",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"answer": {"type": "string", "enum": list(ANSWERS)}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def run_coroutine(make: Callable[[], Any]) -> Any:
+    """Run the coroutine ``make()`` to completion from synchronous code.
+
+    Inside an already running event loop (a notebook), asyncio.run is not allowed, so the
+    coroutine runs on a fresh loop in a helper thread.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
+
+
+def retry_wait(
+    attempt: int,
+    headers: Mapping[str, str] | None,
+    base_s: float,
+    cap_s: float,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before retry number ``attempt + 1``.
+
+    The server's ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date) when present,
+    else ``base_s * 2**attempt`` scaled by a random factor in [0.5, 1) so that requests which
+    failed together do not retry together; always capped at ``cap_s``.
+    """
+    if headers:
+        lowered = {k.lower(): v for k, v in headers.items()}
+        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+            value = lowered.get(name)
+            if value is None:
+                continue
+            try:
+                return max(0.0, min(cap_s, float(value) * scale))
+            except ValueError:
+                pass
+            when = email.utils.parsedate_tz(value)
+            if when is not None:
+                return max(0.0, min(cap_s, email.utils.mktime_tz(when) - time.time()))
+    return min(cap_s, base_s * (2**attempt) * (0.5 + rng() / 2))
+
+
+class _Breaker:
+    """Turns failures that affect every request into one TraceError instead of many unknowns."""
+
+    def __init__(self, url: str, limit: int):
+        self.url = url
+        self.limit = limit
+        self.successes = 0
+        self.failures_in_a_row = 0
+
+    def success(self) -> None:
+        self.successes += 1
+        self.failures_in_a_row = 0
+
+    def failure(self, exc: BaseException, what: str) -> None:
+        self.failures_in_a_row += 1
+        unreachable = isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError)
+        if unreachable and self.successes == 0:
+            raise TraceError(f"cannot reach the judge at {self.url}: {what}")
+        if self.failures_in_a_row >= self.limit:
+            raise TraceError(
+                f"judge at {self.url}: {self.failures_in_a_row} requests in a row failed (last: {what}); "
+                f"{self.successes} answers were received and kept; rerun to ask the rest"
+            )
+
+
+class OpenAIJudge(Judge):
+    """Judge through an OpenAI-compatible chat completions endpoint."""
+
+    backend = "openai"
+
+    def __init__(self, config: OpenAIJudgeConfig):
+        self.config = config
+        self.templates = ChatTemplates(config.system_template, config.prompt_template, config.correction_template)
+        self._api_key = self._read_api_key(config.api_key_env)
+        self.requests_sent = 0  # HTTP requests, retries included, over this judge's lifetime
+
+    @staticmethod
+    def _read_api_key(env: str | None) -> str:
+        if env is None:
+            # Local servers without auth still need a non-empty bearer value for the client.
+            return "EMPTY"
+        key = os.environ.get(env)
+        if not key:
+            raise ConfigError(f"judge.api_key_env: environment variable {env} is not set (it should hold the API key)")
+        return key
+
+    @property
+    def identity(self) -> str:
+        c = self.config
+        answer = c.structured_output if c.use_structured_output else "text"
+        return f"openai:{c.model}:{self.templates.judge_hash(answer=answer, max_answer_tokens=c.max_answer_tokens)}"
+
+    @property
+    def correction_identity(self) -> str:
+        c = self.config
+        h = self.templates.correction_hash(t=c.temperature, max_tokens=c.max_correction_tokens, seed=c.seed)
+        return f"openai:{c.model}:{h}"
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge({self.identity}, base_url={self.config.base_url!r})"
+
+    # -- request parameters -------------------------------------------------------------------
+
+    def _judge_params(self) -> dict[str, Any]:
+        c = self.config
+        params: dict[str, Any] = {"model": c.model, "max_tokens": c.max_answer_tokens, "temperature": 0.0}
+        if c.logprobs:
+            params.update(logprobs=True, top_logprobs=c.top_logprobs)
+        if c.use_structured_output and c.structured_output == "choice":
+            params["extra_body"] = {"structured_outputs": {"choice": list(ANSWERS)}}
+        elif c.use_structured_output:
+            params["response_format"] = _JSON_SCHEMA
+            # {"answer": "Yes"} takes several tokens.
+            params["max_tokens"] = max(c.max_answer_tokens, 16)
+        return params
+
+    def _correction_params(self) -> dict[str, Any]:
+        c = self.config
+        params: dict[str, Any] = {"model": c.model, "max_tokens": c.max_correction_tokens, "temperature": c.temperature}
+        if c.seed is not None:
+            params["seed"] = c.seed
+        return params
+
+    # -- answers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _verdict(completion: Any) -> Verdict:
+        choice = completion.choices[0]
+        message = choice.message
+        if getattr(message, "refusal", None):
+            return Verdict.unknown(f"the judge refused: {message.refusal}", raw=str(message.refusal))
+        text = message.content or ""
+        if choice.finish_reason == "content_filter":
+            return Verdict.unknown("the API's content filter stopped the answer", raw=text)
+        return verdict_from_answer(text, _answer_top_logprobs(choice.logprobs))
+
+    @staticmethod
+    def _correction(completion: Any) -> str | None:
+        choice = completion.choices[0]
+        if getattr(choice.message, "refusal", None) or choice.finish_reason == "content_filter":
+            return None
+        text = (choice.message.content or "").strip()
+        return text or None
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
+        """One verdict per item, asked concurrently; ``on_result`` sees each as it arrives."""
+        chats = [self.templates.judge_messages(item, policy) for item in items]
+        return self._run(
+            chats,
+            self._judge_params(),
+            self._verdict,
+            lambda reason: Verdict.unknown(reason, transient=True),
+            on_result,
+        )
+
+    def correct(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[str | None]:
+        """A compliant rewrite per item (sampled at ``temperature``); None where the request failed."""
+        chats = [self.templates.correction_messages(item, policy) for item in items]
+        return self._run(chats, self._correction_params(), self._correction, lambda reason: None, on_result)
+
+    # -- machinery ----------------------------------------------------------------------------
+
+    def _run(
+        self,
+        chats: list[list[dict[str, str]]],
+        params: dict[str, Any],
+        read: Callable[[Any], T],
+        failed: Callable[[str], T],
+        on_result: OnResult | None,
+    ) -> list[T]:
+        if not chats:
+            return []
+        results: dict[int, T] = run_coroutine(lambda: self._run_async(chats, params, read, failed, on_result))
+        return [results[i] for i in range(len(chats))]
+
+    async def _run_async(self, chats, params, read, failed, on_result) -> dict[int, Any]:
+        c = self.config
+        limit = c.max_consecutive_failures or max(8, 2 * c.max_concurrency)
+        breaker = _Breaker(c.base_url, limit)
+        results: dict[int, Any] = {}
+        pending = iter(enumerate(chats))  # shared by the workers; safe on one event loop
+
+        client = openai.AsyncOpenAI(api_key=self._api_key, base_url=c.base_url, max_retries=0, timeout=c.timeout_s)
+
+        async def worker() -> None:
+            for index, messages in pending:
+                value = await self._request(client, messages, params, read, failed, breaker)
+                results[index] = value
+                if on_result is not None:
+                    on_result(index, value)
+
+        try:
+            async with client:
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(min(c.max_concurrency, len(chats))):
+                        group.create_task(worker())
+        except BaseExceptionGroup as group_error:
+            # A fatal TraceError in one worker cancels the others; report it, not the group.
+            fatal = [e for e in group_error.exceptions if isinstance(e, TraceError)]
+            if fatal:
+                raise fatal[0] from None
+            raise
+        return results
+
+    async def _request(self, client, messages, params, read, failed, breaker: _Breaker):
+        c = self.config
+        attempt = 0
+        while True:
+            self.requests_sent += 1
+            try:
+                completion = await client.chat.completions.create(messages=messages, **params)
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+                raise TraceError(
+                    f"judge at {c.base_url} rejected the credentials (HTTP {exc.status_code}) "
+                    f"from ${c.api_key_env}: {self._scrub(exc)}"
+                ) from None
+            except openai.NotFoundError as exc:
+                raise TraceError(
+                    f"judge at {c.base_url}: model {c.model!r} or the chat endpoint was not found (HTTP 404): {self._scrub(exc)}"
+                ) from None
+            except (openai.APIConnectionError, openai.APIStatusError) as exc:
+                status = getattr(exc, "status_code", None)
+                retryable = status is None or status in _RETRY_STATUS or status >= 500
+                what = self._describe(exc, attempt + 1)
+                if retryable and attempt < c.max_retries:
+                    headers = exc.response.headers if isinstance(exc, openai.APIStatusError) else None
+                    wait = retry_wait(attempt, headers, c.retry_backoff_s, c.max_retry_wait_s)
+                    log.debug("judge request failed (%s); retrying in %.2fs", what, wait)
+                    attempt += 1
+                    await asyncio.sleep(wait)
+                    continue
+                breaker.failure(exc, what)
+                return failed(what)
+            except openai.APIError as exc:
+                # A 2xx whose body is not a chat completion (a proxy's error page, truncated JSON).
+                what = f"malformed response from the server: {self._scrub(exc)}"
+                breaker.failure(exc, what)
+                return failed(what)
+            try:
+                value = read(completion)
+            except (AttributeError, IndexError, TypeError, KeyError, ValueError) as exc:
+                what = f"malformed completion from the server ({type(exc).__name__}: {exc})"
+                breaker.failure(exc, what)
+                return failed(what)
+            breaker.success()
+            return value
+
+    def _describe(self, exc: BaseException, attempts: int) -> str:
+        c = self.config
+        if isinstance(exc, openai.APITimeoutError):
+            return f"timed out after {attempts} attempt(s) of {c.timeout_s:g}s"
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__ or exc
+            return f"connection failed after {attempts} attempt(s): {self._scrub(cause)}"
+        return f"HTTP {getattr(exc, 'status_code', '?')} after {attempts} attempt(s): {self._scrub(exc)}"
+
+    def _scrub(self, exc: BaseException) -> str:
+        """The error's message, one line, clipped, with the API key (if a server echoed it) masked."""
+        text = " ".join(str(exc).split())
+        if self._api_key and self._api_key != "EMPTY":
+            text = text.replace(self._api_key, "***")
+        return text[:300] or type(exc).__name__
+
+
+def _answer_top_logprobs(logprobs: Any) -> list[tuple[str, float]]:
+    """(token, logprob) candidates for the answer token: the top_logprobs of the first generated
+    token that reads as Yes or No (the first token in plain mode, later ones inside JSON)."""
+    content = getattr(logprobs, "content", None) or []
+    for entry in content:
+        if token_word(entry.token) in ("yes", "no"):
+            top = [(t.token, t.logprob) for t in (entry.top_logprobs or [])]
+            return top or [(entry.token, entry.logprob)]
+    return []

@@ -1,0 +1,82 @@
+"""Stage 1 of TRACE: triage each old pair by the oracle's verdicts under the new policy.
+
+| c_w | c_l | type   |
+|-----|-----|--------|
+| 0   | 1   | INVERT |
+| 0   | 0   | PUNISH |
+| 1   | any | RETAIN |
+
+A verdict the oracle could not give (None) makes the pair UNKNOWN unless the other verdict
+settles it: ``c_w = 1`` means RETAIN whatever ``c_l`` is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
+from typing import Iterable, Sequence
+
+from trace_core.data import PreferencePair
+
+
+class TriageType(str, Enum):
+    INVERT = "invert"
+    PUNISH = "punish"
+    RETAIN = "retain"
+    UNKNOWN = "unknown"
+
+
+TRAINABLE = (TriageType.INVERT, TriageType.PUNISH, TriageType.RETAIN)
+CONFLICT = (TriageType.INVERT, TriageType.PUNISH)
+
+
+def triage_pair(chosen_compliant: bool | None, rejected_compliant: bool | None) -> TriageType:
+    """The triage type of one pair from the verdicts on its old winner and old loser."""
+    if chosen_compliant is True:
+        return TriageType.RETAIN
+    if chosen_compliant is None or rejected_compliant is None:
+        return TriageType.UNKNOWN
+    return TriageType.INVERT if rejected_compliant else TriageType.PUNISH
+
+
+def triage(
+    chosen_compliant: Sequence[bool | None], rejected_compliant: Sequence[bool | None]
+) -> list[TriageType]:
+    """Triage types for aligned sequences of verdicts."""
+    if len(chosen_compliant) != len(rejected_compliant):
+        raise ValueError("triage: verdict sequences differ in length")
+    return [triage_pair(c, r) for c, r in zip(chosen_compliant, rejected_compliant)]
+
+
+def triage_counts(types: Iterable[TriageType]) -> dict[str, int]:
+    """Counts per triage type (every type present, zeros included) and the total."""
+    counts = Counter(TriageType(t) for t in types)
+    out = {t.value: counts.get(t, 0) for t in TriageType}
+    out["total"] = sum(counts.values())
+    return out
+
+
+@dataclass(frozen=True)
+class TriagedPair:
+    """A pair with its verdicts, its triage type and, for PUNISH, an optional oracle correction."""
+
+    pair: PreferencePair
+    type: TriageType
+    chosen_compliant: bool | None
+    rejected_compliant: bool | None
+    correction: str | None = None
+
+
+def triage_pairs(
+    pairs: Sequence[PreferencePair],
+    chosen_compliant: Sequence[bool | None],
+    rejected_compliant: Sequence[bool | None],
+    corrections: Sequence[str | None] | None = None,
+) -> list[TriagedPair]:
+    types = triage(chosen_compliant, rejected_compliant)
+    corrections = corrections or [None] * len(pairs)
+    return [
+        TriagedPair(p, t, c, r, corr)
+        for p, t, c, r, corr in zip(pairs, types, chosen_compliant, rejected_compliant, corrections)
+    ]
