@@ -113,7 +113,7 @@ def parse_judge_config(config: dict[str, Any] | BaseModel, where: str = "judge")
     try:
         return _ADAPTER.validate_python(config)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: " + "; ".join(_describe(e, where) for e in exc.errors())) from None
+        raise ConfigError("; ".join(_describe(e, where) for e in exc.errors())) from None
 
 
 def _describe(error: dict[str, Any], where: str) -> str:
@@ -121,7 +121,7 @@ def _describe(error: dict[str, Any], where: str) -> str:
     loc = [str(p) for p in error["loc"] if p not in BACKENDS]
     name = ".".join([where, *loc])
     if error["type"] == "extra_forbidden":
-        return f"unknown setting '{name}'"
+        return f"unknown setting '{name}' (check its spelling)"
     if error["type"] == "missing":
-        return f"'{name}' is required"
-    return f"'{name}': {error['msg']}"
+        return f"setting '{name}' is required"
+    return f"setting '{name}': {error['msg']}"

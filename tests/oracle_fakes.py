@@ -1,0 +1,268 @@
+"""A fake OpenAI-compatible judge server for tests and the throughput benchmark.
+
+It listens on 127.0.0.1 (real sockets, real HTTP/1.1 with keep-alive) and answers
+``POST /v1/chat/completions`` like a judge that knows the right answer: a judged response containing
+``[violates]`` gets "Yes" (violating), any other gets "No". Markers in the response text script
+faults, per (judge question) key:
+
+    [garbage]     answers "Perhaps, it depends." (neither Yes nor No)
+    [hang]        never answers in time (sleeps ``hang_s``) -- every attempt
+    [hang-once]   the first attempt hangs, later ones answer
+    [429]         the first attempt gets 429 with ``Retry-After: retry_after``
+    [500]         the first attempt gets 500
+    [refuse]      answers with message.refusal set (the API's own refusal)
+    [malformed]   a 200 whose body is not JSON
+
+``die_after=n`` makes the server crash when its n-th request arrives: it drops every open
+connection and stops listening, and comes back on the same port ``down_for`` seconds later.
+Requests are counted server-side per key (``counts``), with the concurrency high-water mark.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+MARKERS = ("[garbage]", "[hang]", "[hang-once]", "[429]", "[500]", "[refuse]", "[malformed]")
+
+
+def right_answer(response: str) -> bool:
+    """The compliance the fake judge gives a response: violating iff it contains [violates]."""
+    return "[violates]" not in response
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256  # the default 5 drops SYNs under a burst of concurrent connects
+
+
+class FakeJudgeServer:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        model: str = "fake-judge",
+        api_key: str | None = None,
+        retry_after: str = "0.3",
+        hang_s: float = 5.0,
+        die_after: int | None = None,
+        down_for: float = 0.5,
+        prob: float = 0.9,
+    ):
+        self.latency = latency
+        self.model = model
+        self.api_key = api_key
+        self.retry_after = retry_after
+        self.hang_s = hang_s
+        self.die_after = die_after
+        self.down_for = down_for
+        self.prob = prob
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()  # requests per judge question (user message)
+        self.requests = 0
+        self.answered = 0  # 200 answers fully written
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies: list[dict[str, Any]] = []
+        self.events: list[tuple[float, str, int]] = []  # (time, key, status)
+        self.outages = 0
+        self._stop = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._httpd: _Server | None = None
+        self.port = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeJudgeServer:
+        self._listen()
+        return self
+
+    def _listen(self) -> None:
+        owner = self
+
+        class Handler(_Handler):
+            server_owner = owner
+
+        self._httpd = _Server(("127.0.0.1", self.port), Handler)
+        self.port = self._httpd.server_address[1]
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def _crash(self) -> None:
+        """Stop listening and drop every connection, as a crashed process would."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        with self.lock:
+            conns = list(self._connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def outage(self, seconds: float) -> None:
+        """Crash now and come back on the same port after ``seconds`` (runs in a thread)."""
+
+        def run() -> None:
+            self._crash()
+            time.sleep(seconds)
+            if not self._stop.is_set():
+                self._listen()
+
+        self.outages += 1
+        threading.Thread(target=run, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._crash()
+
+    def __enter__(self) -> FakeJudgeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def completion(self, body: dict[str, Any], content: str, refusal: str | None = None) -> dict[str, Any]:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": None if refusal else content, "refusal": refusal},
+            "logprobs": None,
+        }
+        if body.get("logprobs") and content in ("Yes", "No"):
+            other = "No" if content == "Yes" else "Yes"
+            top = [
+                {"token": content, "logprob": math.log(self.prob), "bytes": None},
+                {"token": other, "logprob": math.log(1 - self.prob), "bytes": None},
+            ][: body.get("top_logprobs") or 1]
+            choice["logprobs"] = {
+                "content": [{"token": content, "logprob": math.log(self.prob), "bytes": None, "top_logprobs": top}],
+                "refusal": None,
+            }
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+
+
+def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real API servers
+    server_owner: FakeJudgeServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server_owner.lock:
+            self.server_owner._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server_owner.lock:
+            self.server_owner._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json" if not isinstance(payload, bytes) else "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    def do_POST(self) -> None:
+        srv = self.server_owner
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        user = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+        with srv.lock:
+            srv.requests += 1
+            n = srv.requests
+            srv.counts[user] += 1
+            attempt = srv.counts[user]
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+            srv.bodies.append(body)
+        status = 0
+        try:
+            status = self._answer(srv, body, user, attempt, n)
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+                srv.events.append((time.monotonic(), user, status))
+
+    def _answer(self, srv: FakeJudgeServer, body: dict[str, Any], user: str, attempt: int, n: int) -> int:
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            self._send(404, _error(f"no route {self.path}"))
+            return 404
+        if srv.die_after is not None and n == srv.die_after:
+            srv.outage(srv.down_for)
+            self.close_connection = True
+            return -1  # the connection is dropped without an answer
+        if srv.api_key is not None and self.headers.get("Authorization") != f"Bearer {srv.api_key}":
+            self._send(401, _error("Incorrect API key provided", "invalid_api_key"))
+            return 401
+        if body.get("model") != srv.model:
+            self._send(404, _error(f"The model `{body.get('model')}` does not exist"))
+            return 404
+        if srv.latency:
+            srv._stop.wait(srv.latency)
+        if "[hang]" in user or ("[hang-once]" in user and attempt == 1):
+            srv._stop.wait(srv.hang_s)
+            self.close_connection = True
+            return -2
+        if "[429]" in user and attempt == 1:
+            self._send(429, _error("Rate limit reached", "rate_limit_exceeded"), {"Retry-After": srv.retry_after})
+            return 429
+        if "[500]" in user and attempt == 1:
+            self._send(500, _error("internal error", "server_error"))
+            return 500
+        if "[malformed]" in user:
+            self._send(200, b"<html>upstream proxy error</html>")
+            return 200
+        if "Write a new response" in user:
+            content = "A compliant answer. " + user.split("\n", 1)[0]
+            self._send(200, srv.completion(body, content))
+        elif "[refuse]" in user:
+            self._send(200, srv.completion(body, "", refusal="I can't judge this."))
+        elif "[garbage]" in user:
+            self._send(200, srv.completion(body, "Perhaps, it depends."))
+        else:
+            answer = "No" if right_answer(user.split("Response:", 1)[-1]) else "Yes"
+            if body.get("response_format", {}).get("type") == "json_schema":
+                answer = json.dumps({"answer": answer})
+            self._send(200, srv.completion(body, answer))
+        with srv.lock:
+            srv.answered += 1
+        return 200

@@ -1,0 +1,40 @@
+"""The oracle (stage 1 of TRACE): judge (prompt, response) pairs under a policy.
+
+Public API:
+
+* :class:`Verdict`, :class:`JudgeItem`, :class:`Judge` -- the judge interface (``base``).
+* :func:`make_judge` -- a judge from a config dict or model (``config``: openai, vllm,
+  transformers, annotations).
+* :class:`VerdictCache`, :func:`judge_with_cache`, :func:`correct_with_cache` -- the persistent cache
+  that makes an identical question cost once and lets an interrupted job resume (``cache``).
+* :func:`judge_agreement` -- accuracy, Cohen's kappa and confusion matrix against reference labels
+  (``quality``).
+"""
+
+from trace_core.oracle.base import Judge, JudgeItem, Verdict
+from trace_core.oracle.cache import VerdictCache, correct_with_cache, judge_with_cache
+from trace_core.oracle.config import (
+    AnnotationsJudgeConfig,
+    OpenAIJudgeConfig,
+    TransformersJudgeConfig,
+    VLLMJudgeConfig,
+    parse_judge_config,
+)
+from trace_core.oracle.factory import make_judge
+from trace_core.oracle.quality import judge_agreement
+
+__all__ = [
+    "AnnotationsJudgeConfig",
+    "Judge",
+    "JudgeItem",
+    "OpenAIJudgeConfig",
+    "TransformersJudgeConfig",
+    "VLLMJudgeConfig",
+    "Verdict",
+    "VerdictCache",
+    "correct_with_cache",
+    "judge_agreement",
+    "judge_with_cache",
+    "make_judge",
+    "parse_judge_config",
+]

@@ -1,0 +1,276 @@
+"""The persistent verdict cache: an identical question is paid for once.
+
+A verdict is keyed by (policy sha256, judge identity, sha256 of the prompt -- canonical JSON for a
+message list -- and sha256 of the response). Corrections live in their own table under the judge's
+correction identity. The store is one SQLite file in WAL mode; every answer is committed as soon as
+the judge hands it over (``on_result``), so an interrupt, a crash or SIGKILL loses at most the
+requests in flight, and a rerun asks only what is missing.
+
+What is cached: every known verdict, and unknown verdicts that came from an answer (the judge said
+something that is neither Yes nor No, or refused) -- asking again would pay for the same garbage.
+Not cached: unknowns from transient failures (timeouts, 5xx or 429 after retries, connection loss,
+a rejected request), marked ``Verdict.transient``; a rerun retries them. ``refresh_unknown=True``
+re-asks cached unknowns too. Corrections are cached only when one was written.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from trace_core.errors import TraceError
+from trace_core.oracle.base import Judge, JudgeItem, Verdict, prompt_sha256, sha256_text
+from trace_core.policy import Policy
+
+T = TypeVar("T")
+Key = tuple[str, str]  # (prompt sha256, response sha256)
+Progress = Callable[[int, int], None]
+
+_SCHEMA_VERSION = "1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS verdicts (
+    policy_sha256 TEXT NOT NULL, judge TEXT NOT NULL, prompt_sha256 TEXT NOT NULL, response_sha256 TEXT NOT NULL,
+    compliant INTEGER, confidence REAL, raw TEXT NOT NULL, reason TEXT, created REAL NOT NULL,
+    PRIMARY KEY (policy_sha256, judge, prompt_sha256, response_sha256)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS corrections (
+    policy_sha256 TEXT NOT NULL, judge TEXT NOT NULL, prompt_sha256 TEXT NOT NULL, response_sha256 TEXT NOT NULL,
+    correction TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (policy_sha256, judge, prompt_sha256, response_sha256)
+) WITHOUT ROWID;
+"""
+_LOOKUP_CHUNK = 400  # keys per SELECT, under SQLite's bound-parameter limit
+
+
+def item_key(item: JudgeItem) -> Key:
+    """(sha256 of the prompt, sha256 of the response) for one item."""
+    return prompt_sha256(item.prompt), sha256_text(item.response)
+
+
+class VerdictCache:
+    """SQLite-backed store of verdicts and corrections; safe to share between threads.
+
+    ``hits`` and ``misses`` count lookups over the cache's lifetime (both tables together).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # check_same_thread=False: the openai judge may call back from a helper thread; the lock
+            # serialises access.
+            self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process kill (the OS holds the written pages); only a
+            # power loss could drop the last commits.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            elif row[0] != _SCHEMA_VERSION:
+                raise TraceError(f"{self.path}: verdict cache has schema {row[0]}, this version reads {_SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise TraceError(f"{self.path}: cannot open the verdict cache: {exc}") from None
+        except OSError as exc:
+            raise TraceError(f"{self.path}: cannot create the verdict cache: {exc.strerror}") from None
+
+    # -- verdicts -----------------------------------------------------------------------------
+
+    def get_verdicts(self, policy_sha: str, judge: str, keys: Iterable[Key]) -> dict[Key, Verdict]:
+        """Cached verdicts for those of ``keys`` present (counted as hits; the rest as misses)."""
+        rows = self._lookup("verdicts", "compliant, confidence, raw, reason", policy_sha, judge, keys)
+        return {
+            k: Verdict(compliant=None if c is None else bool(c), confidence=conf, raw=raw, reason=reason)
+            for k, (c, conf, raw, reason) in rows.items()
+        }
+
+    def put_verdicts(self, policy_sha: str, judge: str, entries: Iterable[tuple[Key, Verdict]]) -> int:
+        """Store verdicts in one transaction, skipping transient unknowns; returns how many were stored."""
+        now = time.time()
+        rows = [
+            (policy_sha, judge, p, r, None if v.compliant is None else int(v.compliant), v.confidence, v.raw, v.reason, now)
+            for (p, r), v in entries
+            if not v.transient
+        ]
+        self._write("INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        return len(rows)
+
+    # -- corrections --------------------------------------------------------------------------
+
+    def get_corrections(self, policy_sha: str, judge: str, keys: Iterable[Key]) -> dict[Key, str]:
+        rows = self._lookup("corrections", "correction", policy_sha, judge, keys)
+        return {k: v[0] for k, v in rows.items()}
+
+    def put_corrections(self, policy_sha: str, judge: str, entries: Iterable[tuple[Key, str | None]]) -> int:
+        now = time.time()
+        rows = [(policy_sha, judge, p, r, text, now) for (p, r), text in entries if text]
+        self._write("INSERT OR REPLACE INTO corrections VALUES (?,?,?,?,?,?)", rows)
+        return len(rows)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def count(self, table: str = "verdicts") -> int:
+        if table not in ("verdicts", "corrections"):
+            raise ValueError(f"no table {table!r}")
+        with self._lock:
+            return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    def _lookup(self, table: str, columns: str, policy_sha: str, judge: str, keys: Iterable[Key]) -> dict[Key, tuple]:
+        wanted = list(dict.fromkeys(keys))
+        found: dict[Key, tuple] = {}
+        with self._lock:
+            for start in range(0, len(wanted), _LOOKUP_CHUNK):
+                chunk = wanted[start : start + _LOOKUP_CHUNK]
+                placeholders = ",".join("(?,?)" for _ in chunk)
+                params: list[Any] = [policy_sha, judge]
+                for p, r in chunk:
+                    params += [p, r]
+                sql = (
+                    f"SELECT prompt_sha256, response_sha256, {columns} FROM {table} "
+                    f"WHERE policy_sha256=? AND judge=? AND (prompt_sha256, response_sha256) IN (VALUES {placeholders})"
+                )
+                for row in self._db.execute(sql, params):
+                    found[(row[0], row[1])] = tuple(row[2:])
+            self.hits += len(found)
+            self.misses += len(wanted) - len(found)
+        return found
+
+    def _write(self, sql: str, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise TraceError(f"{self.path}: cannot write to the verdict cache: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> VerdictCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cached_run(
+    items: Sequence[JudgeItem],
+    keys: list[Key],
+    cached: dict[Key, T],
+    ask: Callable[[list[JudgeItem], Callable[[int, T], None]], list[T]],
+    store: Callable[[list[tuple[Key, T]]], None],
+    progress: Progress | None,
+) -> tuple[list[T], int, int]:
+    """Fill ``items`` from ``cached``; ask the judge once per missing unique key, storing each answer
+    as it arrives. Returns (values in item order, hits, requests)."""
+    first_item: dict[Key, int] = {}
+    for i, k in enumerate(keys):
+        first_item.setdefault(k, i)
+    missing = [k for k in first_item if k not in cached]
+    hits = sum(1 for k in keys if k in cached)
+    answers: dict[Key, T] = dict(cached)
+    total = len(first_item)
+    done = total - len(missing)
+    if progress is not None:
+        progress(done, total)
+
+    def arrived(index: int, value: T) -> None:
+        nonlocal done
+        key = missing[index]
+        answers[key] = value
+        store([(key, value)])
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    if missing:
+        ask([items[first_item[k]] for k in missing], arrived)
+    return [answers[k] for k in keys], hits, len(missing)
+
+
+def judge_with_cache(
+    judge: Judge,
+    items: Sequence[JudgeItem],
+    policy: Policy,
+    cache: VerdictCache,
+    progress: Progress | None = None,
+    refresh_unknown: bool = False,
+) -> tuple[list[Verdict], dict[str, int]]:
+    """Verdicts for ``items``: cache hits as stored, the rest asked from ``judge`` once per distinct
+    (prompt, response), each committed as it arrives.
+
+    ``progress(done, total)`` counts distinct (prompt, response) pairs. Returns (verdicts, stats)
+    with stats = {hits: items answered from the cache, misses: items not in it, requests: distinct
+    pairs sent to the judge, unknown: unknown verdicts returned}. Judges that are not cacheable (the
+    annotations judge) are called directly and count every item as a request.
+    """
+    if not judge.cacheable:
+        verdicts = judge.judge(list(items), policy)
+        if progress is not None:
+            progress(len(items), len(items))
+        n_unknown = sum(v.compliant is None for v in verdicts)
+        return verdicts, {"hits": 0, "misses": len(items), "requests": len(items), "unknown": n_unknown}
+    identity = judge.identity
+    keys = [item_key(it) for it in items]
+    cached = cache.get_verdicts(policy.sha256, identity, keys)
+    if refresh_unknown:
+        cached = {k: v for k, v in cached.items() if v.compliant is not None}
+    verdicts, hits, requests = _cached_run(
+        items,
+        keys,
+        cached,
+        lambda batch, cb: judge.judge(batch, policy, on_result=cb),
+        lambda entries: cache.put_verdicts(policy.sha256, identity, entries),
+        progress,
+    )
+    stats = {
+        "hits": hits,
+        "misses": len(items) - hits,
+        "requests": requests,
+        "unknown": sum(v.compliant is None for v in verdicts),
+    }
+    return verdicts, stats
+
+
+def correct_with_cache(
+    judge: Judge,
+    items: Sequence[JudgeItem],
+    policy: Policy,
+    cache: VerdictCache,
+    progress: Progress | None = None,
+) -> tuple[list[str | None], dict[str, int]]:
+    """Oracle corrections for ``items`` (PUNISH pairs: prompt and violating response), cached like
+    verdicts under the judge's correction identity. Stats: {hits, misses, requests, failed}."""
+    identity = judge.correction_identity
+    keys = [item_key(it) for it in items]
+    cached = cache.get_corrections(policy.sha256, identity, keys)
+    corrections, hits, requests = _cached_run(
+        items,
+        keys,
+        cached,
+        lambda batch, cb: judge.correct(batch, policy, on_result=cb),
+        lambda entries: cache.put_corrections(policy.sha256, identity, entries),
+        progress,
+    )
+    stats = {
+        "hits": hits,
+        "misses": len(items) - hits,
+        "requests": requests,
+        "failed": sum(c is None for c in corrections),
+    }
+    return corrections, stats

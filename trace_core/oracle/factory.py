@@ -1,0 +1,41 @@
+"""``make_judge``: a judge from its configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from trace_core.oracle.base import Judge
+from trace_core.oracle.config import (
+    AnnotationsJudgeConfig,
+    OpenAIJudgeConfig,
+    TransformersJudgeConfig,
+    VLLMJudgeConfig,
+    parse_judge_config,
+)
+
+
+def make_judge(config: dict[str, Any] | BaseModel) -> Judge:
+    """Validate ``config`` (ConfigError naming a bad setting) and build its backend's judge.
+
+    Backend modules are imported here, on demand, so that an openai-only user never imports
+    torch and nobody imports vllm unless they ask for it.
+    """
+    cfg = parse_judge_config(config)
+    if isinstance(cfg, OpenAIJudgeConfig):
+        from trace_core.oracle.openai_backend import OpenAIJudge
+
+        return OpenAIJudge(cfg)
+    if isinstance(cfg, TransformersJudgeConfig):
+        from trace_core.oracle.transformers_backend import TransformersJudge
+
+        return TransformersJudge(cfg)
+    if isinstance(cfg, VLLMJudgeConfig):
+        from trace_core.oracle.vllm_backend import VLLMJudge
+
+        return VLLMJudge(cfg)
+    assert isinstance(cfg, AnnotationsJudgeConfig)
+    from trace_core.oracle.annotations import AnnotationsJudge
+
+    return AnnotationsJudge()

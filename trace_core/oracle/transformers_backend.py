@@ -1,0 +1,248 @@
+"""The transformers judge: any local causal LM, on CPU or GPU.
+
+For each item the judge chat (policy as system message, the question as user message) is rendered
+with the tokenizer's chat template and generation prompt. One forward pass per batch (left padding,
+explicit position ids so a padded row sees the same positions as it would alone) gives the
+next-token logits; of those only the first tokens of the two answers matter:
+
+    p_yes = exp(l_yes) / (exp(l_yes) + exp(l_no)),  p_no = 1 - p_yes
+    compliant = p_no >= 0.5,  confidence = max(p_yes, p_no)
+
+("Yes" means violating). The answer never depends on what other tokens the model prefers, so
+there are no unparsable answers; inputs longer than the model's context give unknown verdicts.
+Corrections are sampled with ``generate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trace_core.errors import ConfigError, TraceError
+from trace_core.oracle.base import ANSWERS, ChatTemplates, Judge, JudgeItem, OnResult, Verdict
+from trace_core.oracle.config import TransformersJudgeConfig
+from trace_core.policy import Policy
+
+_MAX_SANE_CONTEXT = 1_000_000  # tokenizers without a limit report ~1e30
+
+
+def _model_fingerprint(path: str) -> str:
+    """A cheap stand-in for the weights' hash: config and tokenizer files by content, weight files by
+    name, size and modification time (hashing many GB of weights would cost minutes)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path  # a hub id: its name is what identifies it
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix in (".json", ".jinja", ".model", ".txt"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        else:
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return f"{folder.name}@{h.hexdigest()[:8]}"
+
+
+class TransformersJudge(Judge):
+    """Judge with a local causal LM by the next-token probabilities of "Yes" and "No"."""
+
+    backend = "transformers"
+
+    def __init__(self, config: TransformersJudgeConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.templates = ChatTemplates(config.system_template, config.prompt_template, config.correction_template)
+        self.device = self._pick_device(config.device, torch)
+        dtype = self._pick_dtype(config.dtype, self.device, torch)
+        src = config.model_path
+        if os.path.sep in src and not Path(src).exists():
+            raise TraceError(f"{src}: judge model folder not found (judge.model_path)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(src)
+            self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise TraceError(f"{src}: cannot load the judge model: {str(exc).splitlines()[0]}") from None
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise TraceError(f"{src}: the judge model's tokenizer has no chat template")
+        self.model.to(self.device).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            # Left padding is masked out, so any id will do; EOS is always present.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.answer_ids = self._answer_token_ids()
+        self.max_input_tokens = config.max_input_tokens or self._context_limit()
+        self._fingerprint = _model_fingerprint(src)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _pick_device(device: str, torch: Any) -> str:
+        if device != "auto":
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                raise ConfigError(f"judge.device: {device!r} asked for but no CUDA GPU is available")
+            return device
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+
+    @staticmethod
+    def _pick_dtype(dtype: str, device: str, torch: Any) -> Any:
+        if dtype != "auto":
+            return getattr(torch, dtype)
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _answer_token_ids(self) -> tuple[int, int]:
+        """The first token of each answer as the model would emit it right after the generation
+        prompt (found by tokenizing prompt + answer, since some tokenizers merge a leading space)."""
+        head = self._render([{"role": "user", "content": "?"}])
+        head_ids = self.tokenizer(head, add_special_tokens=False).input_ids
+        ids = []
+        for answer in ANSWERS:
+            full = self.tokenizer(head + answer, add_special_tokens=False).input_ids
+            if len(full) > len(head_ids) and full[: len(head_ids)] == head_ids:
+                ids.append(full[len(head_ids)])
+            else:
+                ids.append(self.tokenizer(answer, add_special_tokens=False).input_ids[0])
+        if ids[0] == ids[1]:
+            raise TraceError(f"{self.config.model_path}: the tokenizer gives 'Yes' and 'No' the same first token")
+        return ids[0], ids[1]
+
+    def _context_limit(self) -> int:
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if not limit or limit > _MAX_SANE_CONTEXT:
+            limit = getattr(self.model.config, "max_position_embeddings", None) or _MAX_SANE_CONTEXT
+        return int(limit)
+
+    # -- identity -----------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> str:
+        return f"transformers:{self._fingerprint}:{self.templates.judge_hash(answer='next-token')}"
+
+    @property
+    def correction_identity(self) -> str:
+        c = self.config
+        h = self.templates.correction_hash(t=c.temperature, max_tokens=c.max_correction_tokens, seed=c.seed)
+        return f"transformers:{self._fingerprint}:{h}"
+
+    # -- judging ------------------------------------------------------------------------------
+
+    def _encode(self, chats: list[list[dict[str, str]]]) -> list[list[int]]:
+        return [self.tokenizer(self._render(m), add_special_tokens=False).input_ids for m in chats]
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices grouped into batches of similar length (longest first), so little is padding."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        size = self.config.batch_size
+        return [order[s : s + size] for s in range(0, len(order), size)]
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return ids, mask
+
+    def answer_probabilities(
+        self, items: Sequence[JudgeItem], policy: Policy, on_batch: Any = None
+    ) -> list[tuple[float, float] | None]:
+        """(p_yes, p_no) per item, normalised over the two answer tokens; None for inputs longer
+        than ``max_input_tokens``. ``on_batch(indices, probs)`` is called after each batch."""
+        import torch
+
+        encoded = self._encode([self.templates.judge_messages(it, policy) for it in items])
+        out: list[tuple[float, float] | None] = [None] * len(items)
+        fits = [i for i, e in enumerate(encoded) if len(e) <= self.max_input_tokens]
+        for batch in self._batches([len(encoded[i]) for i in fits]):
+            idx = [fits[b] for b in batch]
+            ids, mask = self._left_pad([encoded[i] for i in idx])
+            # Positions count real tokens only, so a left-padded row is computed exactly as alone.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+            pair = logits[:, -1, list(self.answer_ids)].float().softmax(-1).cpu().tolist()
+            for i, (p_yes, p_no) in zip(idx, pair):
+                out[i] = (p_yes, p_no)
+            if on_batch is not None:
+                on_batch(idx, [out[i] for i in idx])
+        return out
+
+    def _verdict(self, probs: tuple[float, float] | None) -> Verdict:
+        if probs is None:
+            return Verdict.unknown(f"judge input is longer than max_input_tokens={self.max_input_tokens}")
+        p_yes, p_no = probs
+        compliant = p_no >= 0.5
+        return Verdict(compliant=compliant, confidence=max(p_yes, p_no), raw=ANSWERS[1] if compliant else ANSWERS[0])
+
+    def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
+        def report(indices: list[int], probs: list[tuple[float, float]]) -> None:
+            if on_result is not None:
+                for i, p in zip(indices, probs):
+                    on_result(i, self._verdict(p))
+
+        probs = self.answer_probabilities(items, policy, on_batch=report)
+        verdicts = [self._verdict(p) for p in probs]
+        if on_result is not None:
+            for i, (p, v) in enumerate(zip(probs, verdicts)):
+                if p is None:
+                    on_result(i, v)
+        return verdicts
+
+    # -- corrections --------------------------------------------------------------------------
+
+    def correct(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[str | None]:
+        """Sampled rewrites (temperature, max_correction_tokens, seed from the config); None where
+        the input is too long or the model wrote nothing."""
+        import torch
+
+        c = self.config
+        encoded = self._encode([self.templates.correction_messages(it, policy) for it in items])
+        out: list[str | None] = [None] * len(items)
+        fits = [i for i, e in enumerate(encoded) if len(e) <= self.max_input_tokens]
+        sampling = {"do_sample": True, "temperature": c.temperature} if c.temperature > 0 else {"do_sample": False}
+        # fork_rng: the seed makes corrections reproducible without touching the caller's RNG state.
+        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            if c.seed is not None:
+                torch.manual_seed(c.seed)
+            for batch in self._batches([len(encoded[i]) for i in fits]):
+                idx = [fits[b] for b in batch]
+                ids, mask = self._left_pad([encoded[i] for i in idx])
+                with torch.inference_mode():
+                    generated = self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=c.max_correction_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        **sampling,
+                    )
+                texts = self.tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
+                for i, text in zip(idx, texts):
+                    out[i] = text.strip() or None
+                    if on_result is not None:
+                        on_result(i, out[i])
+        if on_result is not None:
+            for i in set(range(len(items))) - set(fits):
+                on_result(i, None)
+        return out
+
+    def close(self) -> None:
+        import gc
+
+        self.model = None
+        gc.collect()
