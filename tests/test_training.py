@@ -1,0 +1,198 @@
+import random
+
+import pytest
+import torch
+
+from tests.conftest import random_text
+from trace_core.data import PreferencePair
+from trace_core.errors import TraceError
+from trace_core.impact import reference_logps
+from trace_core.logprobs import forward_logits, response_logps
+from trace_core.losses import retain_kl
+from trace_core.modeling import LoraSettings, add_lora, load_adapter, load_model
+from trace_core.objective import SampleKind, build_samples
+from trace_core.reference import ReferenceSettings, run_reference_stage
+from trace_core.tokenization import Encoder, pad_sequences
+from trace_core.training import InjectedFailure, TrainSettings, save_output, train
+from trace_core.triage import TriagedPair, TriageType, triage_pairs
+
+LORA = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
+
+
+def triaged_set(n=12, seed=0):
+    rng = random.Random(seed)
+    pairs = [
+        PreferencePair.create(f"{random_text(rng, 4)} {i}", random_text(rng, 6), random_text(rng, 7)) for i in range(n)
+    ]
+    return triage_pairs(pairs, [False, False, True] * (n // 3), [True, False, True] * (n // 3))
+
+
+def settings(**kw):
+    base = dict(
+        learning_rate=5e-3,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        max_steps=8,
+        per_device_batch_size=4,
+        gradient_accumulation_steps=1,
+        logging_steps=1,
+        disable_tqdm=True,
+        alpha_kl=1.0,
+    )
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def prepared(tiny_model_dir, tokenizer, tmp_path, **ref_kw):
+    model = add_lora(load_model(tiny_model_dir), LORA, seed=0)
+    model.save_pretrained(tmp_path / "initial_adapter")
+    enc = Encoder(tokenizer, max_length=64)
+    ref = run_reference_stage(model, tokenizer, triaged_set(), enc, ReferenceSettings(gold_size=6, **ref_kw))
+    return model, ref
+
+
+def mean_kl(model, sequences, pad):
+    """Mean per-token KL(reference || model) over the response tokens of ``sequences``."""
+    batch = pad_sequences(sequences, pad)
+    logits = forward_logits(model, batch)
+    with model.disable_adapter():
+        ref_logits = forward_logits(model, batch)
+    return retain_kl(ref_logits[:, :-1], logits[:, :-1], batch.response_mask[:, 1:]).mean().item()
+
+
+def measures(model, samples, tokenizer):
+    """Mean INVERT margin, mean PUNISH log-prob, mean KL on RETAIN and on PUNISH responses."""
+    pad = tokenizer.pad_token_id
+    model.eval()
+    with torch.no_grad():
+        invert = [s for s in samples if s.kind == SampleKind.PREFER]
+        punish = [s for s in samples if s.kind == SampleKind.PUNISH]
+        retain = [s for s in samples if s.kind == SampleKind.RETAIN]
+        inv = reference_logps(model, invert, pad)
+        pun = reference_logps(model, punish, pad)
+        kl_retain = mean_kl(model, [s.sequences[0] for s in retain], pad)
+        kl_punish = mean_kl(model, [q for s in punish for q in s.sequences], pad)
+    return (inv[:, 0] - inv[:, 1]).mean().item(), pun.mean().item(), kl_retain, kl_punish
+
+
+def test_training_moves_the_model_the_right_way(tiny_model_dir, tiny_tokenizer, tmp_path):
+    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_impact_weights=False)
+    margin0, punish0, kl0, _ = measures(model, ref.samples, tiny_tokenizer)
+    assert kl0 == pytest.approx(0.0, abs=1e-6)
+    result = train(model, tiny_tokenizer, ref.samples, settings(), tmp_path / "out")
+    margin1, punish1, kl1, _ = measures(model, ref.samples, tiny_tokenizer)
+    assert result.global_step == 8
+    assert margin1 > margin0 + 1.0, (margin0, margin1)
+    assert punish1 < punish0 - 1.0, (punish0, punish1)
+    # RETAIN responses stay close to the reference (measured: 0.14 nats/token; 1.35 without the KL term).
+    assert kl1 < 0.3, kl1
+    logged = [h for h in result.log_history if "loss" in h]
+    assert logged and "prefer_margin" in logged[-1] and "retain_kl" in logged[-1]
+
+
+def test_kl_term_holds_retain_behaviour(tiny_model_dir, tiny_tokenizer, tmp_path):
+    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_impact_weights=False)
+    train(model, tiny_tokenizer, ref.samples, settings(alpha_kl=0.0), tmp_path / "a")
+    kl_without = measures(model, ref.samples, tiny_tokenizer)[2]
+    model2, ref2 = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_impact_weights=False)
+    train(model2, tiny_tokenizer, ref2.samples, settings(alpha_kl=1.0), tmp_path / "b")
+    kl_with = measures(model2, ref2.samples, tiny_tokenizer)[2]
+    assert kl_with < 0.2 * kl_without, (kl_with, kl_without)
+
+
+def test_zero_weight_samples_do_not_train(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from dataclasses import replace
+
+    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_kl=False)
+    zero = [replace(s, weight=0.0) for s in ref.samples]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train(model, tiny_tokenizer, zero, settings(max_steps=2), tmp_path / "z")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_interrupted_and_resumed_run_ends_with_same_weights(tiny_model_dir, tiny_tokenizer, tmp_path):
+    lora = LoraSettings(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])  # dropout exercises the RNG
+    base = add_lora(load_model(tiny_model_dir), lora, seed=0)
+    base.save_pretrained(tmp_path / "init")
+    ref = run_reference_stage(base, tiny_tokenizer, triaged_set(), Encoder(tiny_tokenizer, max_length=64), ReferenceSettings(gold_size=6))
+    s = settings(max_steps=6, per_device_batch_size=2, gradient_accumulation_steps=2, save_steps=3, lr_scheduler="cosine", warmup_steps=2)
+
+    def fresh():
+        return load_adapter(load_model(tiny_model_dir), tmp_path / "init", trainable=True)
+
+    full = fresh()
+    train(full, tiny_tokenizer, ref.samples, s, tmp_path / "full")
+    broken = fresh()
+    with pytest.raises(InjectedFailure):
+        train(broken, tiny_tokenizer, ref.samples, settings(**{**s.__dict__, "fail_at_step": 3}), tmp_path / "resumed")
+    resumed = fresh()
+    result = train(resumed, tiny_tokenizer, ref.samples, s, tmp_path / "resumed", resume_from_checkpoint=True)
+    assert result.global_step == 6
+    a = dict(full.named_parameters())
+    changed = False
+    for n, p in resumed.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, a[n], rtol=1e-5, atol=1e-6)
+            changed |= not torch.equal(p, dict(fresh().named_parameters())[n])
+    assert changed
+
+
+def test_output_loads_back_with_transformers(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path)
+    train(model, tiny_tokenizer, ref.samples, settings(max_steps=3), tmp_path / "out")
+    model.eval()
+    batch = pad_sequences([ref.samples[0].sequences[0]], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = response_logps(forward_logits(model, batch), batch)
+    paths = save_output(model, tiny_tokenizer, tmp_path / "final", merge=True)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), paths["adapter"]).eval()
+    merged = AutoModelForCausalLM.from_pretrained(paths["merged"]).eval()
+    with torch.no_grad():
+        for m in (reloaded, merged):
+            torch.testing.assert_close(response_logps(forward_logits(m, batch), batch), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_full_finetuning_needs_a_reference_copy(tiny_model_dir, tiny_tokenizer, tmp_path):
+    model = load_model(tiny_model_dir)
+    ref_model = load_model(tiny_model_dir)
+    enc = Encoder(tiny_tokenizer, max_length=64)
+    samples = build_samples(triaged_set(), enc)
+    ref = reference_logps(model, samples, tiny_tokenizer.pad_token_id)
+    from dataclasses import replace
+
+    samples = [replace(s, ref_logps=tuple(ref[i].tolist())) for i, s in enumerate(samples)]
+    with pytest.raises(TraceError, match="frozen reference"):
+        train(model, tiny_tokenizer, samples, settings(max_steps=1), tmp_path / "x")
+    model.train()
+    result = train(model, tiny_tokenizer, samples, settings(max_steps=2, learning_rate=1e-3), tmp_path / "y", ref_model=ref_model)
+    assert result.global_step == 2
+    changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
+    assert changed
+
+
+def test_ablation_switches_build_the_right_samples(tiny_tokenizer):
+    enc = Encoder(tiny_tokenizer, max_length=64)
+    pair = PreferencePair.create("q", "old winner", "old loser")
+    t = [
+        TriagedPair(pair, TriageType.INVERT, False, True),
+        TriagedPair(PreferencePair.create("q2", "w2", "l2"), TriageType.PUNISH, False, False, correction="fixed"),
+        TriagedPair(PreferencePair.create("q3", "w3", "l3"), TriageType.RETAIN, True, False),
+        TriagedPair(PreferencePair.create("q4", "w4", "l4"), TriageType.UNKNOWN, None, None),
+    ]
+
+    def decoded(s):
+        return [tiny_tokenizer.decode(q.input_ids[q.response_start :]).replace("<|im_end|>", "") for q in s.sequences]
+
+    full = build_samples(t, enc)
+    assert [s.kind for s in full] == [SampleKind.PREFER, SampleKind.PUNISH, SampleKind.RETAIN]
+    assert decoded(full[0]) == ["old loser", "old winner"]  # INVERT: the old loser is now preferred
+    assert decoded(full[1]) == ["w2", "l2"]
+    corrected = build_samples(t, enc, use_corrections=True)
+    assert corrected[1].kind == SampleKind.PREFER and decoded(corrected[1]) == ["fixed", "w2"]
+    assert [s.kind for s in build_samples(t, enc, use_kl=False)] == [SampleKind.PREFER, SampleKind.PUNISH]
+    no_triage = build_samples(t, enc, use_triage=False)
+    assert [s.kind for s in no_triage] == [SampleKind.NEGATE] * 4
+    assert [decoded(s) for s in no_triage] == [["old loser"], ["l2"], ["l3"], ["l4"]]
