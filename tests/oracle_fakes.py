@@ -176,6 +176,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in separate writes; without NODELAY, Nagle's algorithm and the
+        # client's delayed ACK add ~40 ms to every response.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server_owner.lock:
             self.server_owner._connections.add(self.connection)
 
@@ -187,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> bool:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
@@ -200,6 +203,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             self.close_connection = True
+            return False
+        return True
 
     def do_POST(self) -> None:
         srv = self.server_owner
@@ -252,17 +257,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"<html>upstream proxy error</html>")
             return 200
         if "Write a new response" in user:
-            content = "A compliant answer. " + user.split("\n", 1)[0]
-            self._send(200, srv.completion(body, content))
+            reply = srv.completion(body, "A compliant answer. " + user.split("\n", 1)[0])
         elif "[refuse]" in user:
-            self._send(200, srv.completion(body, "", refusal="I can't judge this."))
+            reply = srv.completion(body, "", refusal="I can't judge this.")
         elif "[garbage]" in user:
-            self._send(200, srv.completion(body, "Perhaps, it depends."))
+            reply = srv.completion(body, "Perhaps, it depends.")
         else:
             answer = "No" if right_answer(user.split("Response:", 1)[-1]) else "Yes"
             if body.get("response_format", {}).get("type") == "json_schema":
                 answer = json.dumps({"answer": answer})
-            self._send(200, srv.completion(body, answer))
+            reply = srv.completion(body, answer)
+        if not self._send(200, reply):
+            return -3  # the connection was gone (server crash) before the answer went out
         with srv.lock:
             srv.answered += 1
         return 200

@@ -306,6 +306,11 @@ class OpenAIJudge(Judge):
                 what = f"malformed response from the server: {self._scrub(exc)}"
                 breaker.failure(exc, what)
                 return failed(what)
+            if not hasattr(completion, "choices"):
+                # The client hands back the raw text when a 200 body is not JSON.
+                what = f"malformed response from the server (not a chat completion): {str(completion)[:120]!r}"
+                breaker.failure(ValueError(what), what)
+                return failed(what)
             try:
                 value = read(completion)
             except (AttributeError, IndexError, TypeError, KeyError, ValueError) as exc:
