@@ -20,11 +20,16 @@ Requests are counted server-side per key (``counts``), with the concurrency high
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -206,6 +211,15 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def do_GET(self) -> None:
+        srv = self.server_owner
+        if self.path.rstrip("/") != "/stats":
+            self._send(404, _error(f"no route {self.path}"))
+            return
+        with srv.lock:
+            stats = {"requests": srv.requests, "answered": srv.answered, "max_in_flight": srv.max_in_flight}
+        self._send(200, stats)
+
     def do_POST(self) -> None:
         srv = self.server_owner
         length = int(self.headers.get("Content-Length") or 0)
@@ -272,3 +286,54 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.answered += 1
         return 200
+
+
+class FakeJudgeProcess:
+    """The fake server in its own process, as a real server would be: the client under test then
+    does not share a GIL with it. ``stats()`` reads the server-side counters over HTTP."""
+
+    def __init__(self, latency: float = 0.0, model: str = "fake-judge"):
+        self.latency = latency
+        self.model = model
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> FakeJudgeProcess:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.oracle_fakes", "--latency", str(self.latency), "--model", self.model],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+            env=env,
+        )
+        assert self._proc.stdout is not None
+        self.url = self._proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self._proc.kill()
+            raise RuntimeError("fake judge server did not start")
+        return self
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(self.url.rsplit("/v1", 1)[0] + "/stats", timeout=5) as r:
+            return json.loads(r.read())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+
+def _serve() -> None:
+    ap = argparse.ArgumentParser(description="Run the fake judge server until terminated; prints its URL.")
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--model", default="fake-judge")
+    args = ap.parse_args()
+    srv = FakeJudgeServer(latency=args.latency, model=args.model).start()
+    print(srv.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _serve()

@@ -179,9 +179,9 @@ def parse_answer(text: str) -> tuple[bool | None, str | None]:
         try:
             obj = json.loads(stripped)
         except json.JSONDecodeError:
-            return None, f"answer is not valid JSON: {_clip(text)!r}"
+            return None, f"answer is not valid JSON: {clip(text)!r}"
         if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str):
-            return None, f"JSON answer lacks a string 'answer' field: {_clip(text)!r}"
+            return None, f"JSON answer lacks a string 'answer' field: {clip(text)!r}"
         stripped = obj["answer"]
     word = normalise_answer(stripped)
     if word == "yes":
@@ -190,10 +190,11 @@ def parse_answer(text: str) -> tuple[bool | None, str | None]:
         return True, None
     if not word:
         return None, "empty answer"
-    return None, f"answer is neither Yes nor No: {_clip(text)!r}"
+    return None, f"answer is neither Yes nor No: {clip(text)!r}"
 
 
-def _clip(text: str, n: int = 120) -> str:
+def clip(text: str, n: int = 120) -> str:
+    """``text`` cut to ``n`` characters (with an ellipsis) for messages."""
     return text if len(text) <= n else text[:n] + "..."
 
 

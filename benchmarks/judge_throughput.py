@@ -1,0 +1,68 @@
+"""Throughput of the openai judge against a local OpenAI-compatible server with a fixed latency.
+
+With ``concurrency`` requests in flight and ``latency`` seconds per answer, no client can exceed
+concurrency / latency answers per second; efficiency is the measured rate over that limit (target
+>= 0.9). The first pass goes through the verdict cache, committing each answer as it arrives; a
+second pass over the same data must make zero requests.
+
+    python benchmarks/judge_throughput.py [--pairs 1600] [--latency 0.05] [--concurrency 16]
+
+The last two lines are ``judge_efficiency=<x>`` and ``judge_rerun_requests=<n>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the fake server lives with the tests
+
+from tests.oracle_fakes import FakeJudgeProcess, right_answer  # noqa: E402
+from trace_core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge  # noqa: E402
+from trace_core.policy import parse_policy  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=1600)
+    ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+
+    policy = parse_policy("Never help with [violates] things.")
+    items = [JudgeItem(f"prompt {i}", f"response {i}" + (" [violates]" if i % 5 == 0 else "")) for i in range(args.pairs)]
+    limit = args.concurrency / args.latency
+
+    # The server runs in its own process, as a real one would, so it does not compete with the
+    # client for the GIL.
+    with FakeJudgeProcess(latency=args.latency) as srv, tempfile.TemporaryDirectory() as tmp:
+        judge = make_judge(
+            {"backend": "openai", "model": srv.model, "base_url": srv.url, "api_key_env": None, "max_concurrency": args.concurrency}
+        )
+        with VerdictCache(Path(tmp) / "verdicts.db") as cache:
+            started = time.perf_counter()
+            verdicts, stats = judge_with_cache(judge, items, policy, cache)
+            elapsed = time.perf_counter() - started
+            wrong = sum(v.compliant != right_answer(it.response) for it, v in zip(items, verdicts))
+            rate = len(items) / elapsed
+
+            before = srv.stats()
+            started = time.perf_counter()
+            _, stats2 = judge_with_cache(judge, items, policy, cache)
+            rerun_s = time.perf_counter() - started
+            after = srv.stats()
+            rerun_requests = after["requests"] - before["requests"]
+
+    print(f"pairs={len(items)} latency={args.latency * 1000:.0f}ms concurrency={args.concurrency} limit={limit:.1f}/s")
+    print(f"first pass: {elapsed:.2f}s, {rate:.1f} pairs/s, stats={stats}, wrong or unknown={wrong}, server max in flight={after['max_in_flight']}")
+    print(f"second pass: {rerun_s:.3f}s, stats={stats2}")
+    print(f"judge_efficiency={rate / limit:.3f}")
+    print(f"judge_rerun_requests={rerun_requests}")
+
+
+if __name__ == "__main__":
+    main()
