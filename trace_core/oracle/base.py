@@ -279,3 +279,31 @@ class Judge(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity})"
+
+
+class LLMJudge(Judge):
+    """Base of the judges that ask a language model (openai, vllm, transformers): the chat
+    templates and the identities built from them."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.templates = ChatTemplates(config.system_template, config.prompt_template, config.correction_template)
+
+    @property
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """What names the model in the identity."""
+
+    def answer_settings(self) -> dict[str, Any]:
+        """Settings besides the templates that shape the answer (hashed into the identity)."""
+        return {}
+
+    @property
+    def identity(self) -> str:
+        return f"{self.backend}:{self.model_name}:{self.templates.judge_hash(**self.answer_settings())}"
+
+    @property
+    def correction_identity(self) -> str:
+        c = self.config
+        h = self.templates.correction_hash(t=c.temperature, max_tokens=c.max_correction_tokens, seed=c.seed)
+        return f"{self.backend}:{self.model_name}:{h}"

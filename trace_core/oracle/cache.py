@@ -168,16 +168,17 @@ class VerdictCache:
         self.close()
 
 
-def _cached_run(
+def _with_cache(
     items: Sequence[JudgeItem],
-    keys: list[Key],
-    cached: dict[Key, T],
+    lookup: Callable[[list[Key]], dict[Key, T]],
     ask: Callable[[list[JudgeItem], Callable[[int, T], None]], list[T]],
     store: Callable[[list[tuple[Key, T]]], None],
     progress: Progress | None,
-) -> tuple[list[T], int, int]:
-    """Fill ``items`` from ``cached``; ask the judge once per missing unique key, storing each answer
-    as it arrives. Returns (values in item order, hits, requests)."""
+) -> tuple[list[T], dict[str, int]]:
+    """Fill ``items`` from the cache; ask the judge once per missing distinct key, storing each
+    answer as it arrives. Returns (values in item order, {hits, misses, requests})."""
+    keys = [item_key(it) for it in items]
+    cached = lookup(keys)
     first_item: dict[Key, int] = {}
     for i, k in enumerate(keys):
         first_item.setdefault(k, i)
@@ -200,7 +201,8 @@ def _cached_run(
 
     if missing:
         ask([items[first_item[k]] for k in missing], arrived)
-    return [answers[k] for k in keys], hits, len(missing)
+    stats = {"hits": hits, "misses": len(items) - hits, "requests": len(missing)}
+    return [answers[k] for k in keys], stats
 
 
 def judge_with_cache(
@@ -223,27 +225,22 @@ def judge_with_cache(
         verdicts = judge.judge(list(items), policy)
         if progress is not None:
             progress(len(items), len(items))
-        n_unknown = sum(v.compliant is None for v in verdicts)
-        return verdicts, {"hits": 0, "misses": len(items), "requests": len(items), "unknown": n_unknown}
-    identity = judge.identity
-    keys = [item_key(it) for it in items]
-    cached = cache.get_verdicts(policy.sha256, identity, keys)
-    if refresh_unknown:
-        cached = {k: v for k, v in cached.items() if v.compliant is not None}
-    verdicts, hits, requests = _cached_run(
-        items,
-        keys,
-        cached,
-        lambda batch, cb: judge.judge(batch, policy, on_result=cb),
-        lambda entries: cache.put_verdicts(policy.sha256, identity, entries),
-        progress,
-    )
-    stats = {
-        "hits": hits,
-        "misses": len(items) - hits,
-        "requests": requests,
-        "unknown": sum(v.compliant is None for v in verdicts),
-    }
+        stats = {"hits": 0, "misses": len(items), "requests": len(items)}
+    else:
+        identity = judge.identity
+
+        def lookup(keys: list[Key]) -> dict[Key, Verdict]:
+            found = cache.get_verdicts(policy.sha256, identity, keys)
+            return {k: v for k, v in found.items() if v.compliant is not None} if refresh_unknown else found
+
+        verdicts, stats = _with_cache(
+            items,
+            lookup,
+            lambda batch, cb: judge.judge(batch, policy, on_result=cb),
+            lambda entries: cache.put_verdicts(policy.sha256, identity, entries),
+            progress,
+        )
+    stats["unknown"] = sum(v.compliant is None for v in verdicts)
     return verdicts, stats
 
 
@@ -257,20 +254,12 @@ def correct_with_cache(
     """Oracle corrections for ``items`` (PUNISH pairs: prompt and violating response), cached like
     verdicts under the judge's correction identity. Stats: {hits, misses, requests, failed}."""
     identity = judge.correction_identity
-    keys = [item_key(it) for it in items]
-    cached = cache.get_corrections(policy.sha256, identity, keys)
-    corrections, hits, requests = _cached_run(
+    corrections, stats = _with_cache(
         items,
-        keys,
-        cached,
+        lambda keys: cache.get_corrections(policy.sha256, identity, keys),
         lambda batch, cb: judge.correct(batch, policy, on_result=cb),
         lambda entries: cache.put_corrections(policy.sha256, identity, entries),
         progress,
     )
-    stats = {
-        "hits": hits,
-        "misses": len(items) - hits,
-        "requests": requests,
-        "failed": sum(c is None for c in corrections),
-    }
+    stats["failed"] = sum(c is None for c in corrections)
     return corrections, stats

@@ -41,7 +41,7 @@ import httpx2
 import openai
 
 from trace_core.errors import ConfigError, TraceError
-from trace_core.oracle.base import ANSWERS, ChatTemplates, Judge, JudgeItem, OnResult, Verdict, clip, token_word, verdict_from_answer
+from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, clip, token_word, verdict_from_answer
 from trace_core.oracle.config import OpenAIJudgeConfig
 from trace_core.policy import Policy
 
@@ -132,14 +132,14 @@ class _Breaker:
             )
 
 
-class OpenAIJudge(Judge):
+class OpenAIJudge(LLMJudge):
     """Judge through an OpenAI-compatible chat completions endpoint."""
 
     backend = "openai"
+    config: OpenAIJudgeConfig
 
     def __init__(self, config: OpenAIJudgeConfig):
-        self.config = config
-        self.templates = ChatTemplates(config.system_template, config.prompt_template, config.correction_template)
+        super().__init__(config)
         self._api_key = self._read_api_key(config.api_key_env)
         self.requests_sent = 0  # HTTP requests, retries included, over this judge's lifetime
 
@@ -154,16 +154,12 @@ class OpenAIJudge(Judge):
         return key
 
     @property
-    def identity(self) -> str:
-        c = self.config
-        answer = c.structured_output if c.use_structured_output else "text"
-        return f"openai:{c.model}:{self.templates.judge_hash(answer=answer, max_answer_tokens=c.max_answer_tokens)}"
+    def model_name(self) -> str:
+        return self.config.model
 
-    @property
-    def correction_identity(self) -> str:
+    def answer_settings(self) -> dict[str, Any]:
         c = self.config
-        h = self.templates.correction_hash(t=c.temperature, max_tokens=c.max_correction_tokens, seed=c.seed)
-        return f"openai:{c.model}:{h}"
+        return {"answer": c.structured_output if c.use_structured_output else "text", "max_answer_tokens": c.max_answer_tokens}
 
     def __repr__(self) -> str:
         return f"OpenAIJudge({self.identity}, base_url={self.config.base_url!r})"

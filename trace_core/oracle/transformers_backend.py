@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_core.errors import ConfigError, TraceError
-from trace_core.oracle.base import ANSWERS, ChatTemplates, Judge, JudgeItem, OnResult, Verdict
+from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict
 from trace_core.oracle.config import TransformersJudgeConfig
 from trace_core.policy import Policy
 
@@ -47,17 +47,17 @@ def _model_fingerprint(path: str) -> str:
     return f"{folder.name}@{h.hexdigest()[:8]}"
 
 
-class TransformersJudge(Judge):
+class TransformersJudge(LLMJudge):
     """Judge with a local causal LM by the next-token probabilities of "Yes" and "No"."""
 
     backend = "transformers"
+    config: TransformersJudgeConfig
 
     def __init__(self, config: TransformersJudgeConfig):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.config = config
-        self.templates = ChatTemplates(config.system_template, config.prompt_template, config.correction_template)
+        super().__init__(config)
         self.device = self._pick_device(config.device, torch)
         dtype = self._pick_dtype(config.dtype, self.device, torch)
         src = config.model_path
@@ -129,14 +129,11 @@ class TransformersJudge(Judge):
     # -- identity -----------------------------------------------------------------------------
 
     @property
-    def identity(self) -> str:
-        return f"transformers:{self._fingerprint}:{self.templates.judge_hash(answer='next-token')}"
+    def model_name(self) -> str:
+        return self._fingerprint
 
-    @property
-    def correction_identity(self) -> str:
-        c = self.config
-        h = self.templates.correction_hash(t=c.temperature, max_tokens=c.max_correction_tokens, seed=c.seed)
-        return f"transformers:{self._fingerprint}:{h}"
+    def answer_settings(self) -> dict[str, Any]:
+        return {"answer": "next-token"}
 
     # -- judging ------------------------------------------------------------------------------
 

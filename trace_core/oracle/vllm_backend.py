@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from trace_core.errors import TraceError
-from trace_core.oracle.base import ANSWERS, ChatTemplates, Judge, JudgeItem, OnResult, Verdict, verdict_from_answer
+from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, verdict_from_answer
 from trace_core.oracle.config import VLLMJudgeConfig
 from trace_core.policy import Policy
 
@@ -50,15 +50,15 @@ def top_from_vllm(step: dict[int, Any] | None) -> list[tuple[str, float]]:
     return [(lp.decoded_token or "", lp.logprob) for lp in step.values()]
 
 
-class VLLMJudge(Judge):
+class VLLMJudge(LLMJudge):
     """Judge with an offline vLLM engine, one batched call per shard."""
 
     backend = "vllm"
+    config: VLLMJudgeConfig
 
     def __init__(self, config: VLLMJudgeConfig):
         vllm = import_vllm()
-        self.config = config
-        self.templates = ChatTemplates(config.system_template, config.prompt_template, config.correction_template)
+        super().__init__(config)
         self._vllm = vllm
         kwargs: dict[str, Any] = {
             "model": config.model,
@@ -87,14 +87,11 @@ class VLLMJudge(Judge):
         )
 
     @property
-    def identity(self) -> str:
-        return f"vllm:{self.config.model}:{self.templates.judge_hash(answer='choice', max_answer_tokens=1)}"
+    def model_name(self) -> str:
+        return self.config.model
 
-    @property
-    def correction_identity(self) -> str:
-        c = self.config
-        h = self.templates.correction_hash(t=c.temperature, max_tokens=c.max_correction_tokens, seed=c.seed)
-        return f"vllm:{c.model}:{h}"
+    def answer_settings(self) -> dict[str, Any]:
+        return {"answer": "choice", "max_answer_tokens": 1}
 
     def _shards(self, n: int) -> list[range]:
         size = self.config.shard_size
