@@ -281,3 +281,18 @@ def test_retry_wait_honours_retry_after_and_caps():
     assert retry_wait(3, {}, 0.5, 60, rng=lambda: 0.0) == 2.0  # 0.5 * 2**3 * 0.5
     assert retry_wait(3, None, 0.5, 60, rng=lambda: 0.999) == pytest.approx(4.0, rel=1e-2)
     assert retry_wait(10, None, 1.0, 5.0) == 5.0
+
+
+def test_works_from_inside_a_running_event_loop(tmp_path):
+    """A notebook runs an event loop already; judging then runs on a helper thread's loop."""
+    import asyncio
+
+    batch = items(["ok", "bad [violates]"])
+    with FakeJudgeServer() as srv, VerdictCache(tmp_path / "v.db") as cache:
+        judge = judge_for(srv)
+
+        async def inside():
+            return judge_with_cache(judge, batch, POLICY, cache)
+
+        verdicts, stats = asyncio.run(inside())
+        assert [v.compliant for v in verdicts] == [True, False] and cache.count() == 2
