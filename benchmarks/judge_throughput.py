@@ -5,7 +5,7 @@ concurrency / latency answers per second; efficiency is the measured rate over t
 >= 0.9). The first pass goes through the verdict cache, committing each answer as it arrives; a
 second pass over the same data must make zero requests.
 
-    python benchmarks/judge_throughput.py [--pairs 1600] [--latency 0.05] [--concurrency 16]
+    python benchmarks/judge_throughput.py [--pairs 2400] [--latency 0.05] [--concurrency 16]
 
 The last two lines are ``judge_efficiency=<x>`` and ``judge_rerun_requests=<n>``.
 """
@@ -13,6 +13,8 @@ The last two lines are ``judge_efficiency=<x>`` and ``judge_rerun_requests=<n>``
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ from trace_core.policy import parse_policy  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=1600)
+    ap.add_argument("--pairs", type=int, default=2400)
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
@@ -44,9 +46,12 @@ def main() -> None:
             {"backend": "openai", "model": srv.model, "base_url": srv.url, "api_key_env": None, "max_concurrency": args.concurrency}
         )
         with VerdictCache(Path(tmp) / "verdicts.db") as cache:
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             started = time.perf_counter()
             verdicts, stats = judge_with_cache(judge, items, policy, cache)
             elapsed = time.perf_counter() - started
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu_ms = 1000 * (cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime) / len(items)
             wrong = sum(v.compliant != right_answer(it.response) for it, v in zip(items, verdicts))
             rate = len(items) / elapsed
 
@@ -60,6 +65,9 @@ def main() -> None:
     print(f"pairs={len(items)} latency={args.latency * 1000:.0f}ms concurrency={args.concurrency} limit={limit:.1f}/s")
     print(f"first pass: {elapsed:.2f}s, {rate:.1f} pairs/s, stats={stats}, wrong or unknown={wrong}, server max in flight={after['max_in_flight']}")
     print(f"second pass: {rerun_s:.3f}s, stats={stats2}")
+    # The client is one event loop: at limit/s it needs limit * cpu_ms / 1000 of a core, which other
+    # processes on a busy machine can take away; the load average says how busy it was.
+    print(f"client CPU per pair: {cpu_ms:.2f} ms; load average (1 min) {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"judge_efficiency={rate / limit:.3f}")
     print(f"judge_rerun_requests={rerun_requests}")
 
