@@ -16,6 +16,11 @@ same way. The backward is taken with respect to one scalar leaf added to the inp
 so autograd computes the activation gradients the hooks need and no weight gradient at all.
 The forward pass is the one at theta_ref, so it yields the reference log-probs too.
 
+At theta_ref every log-ratio is 0, so ``dL_i / d log p(y)`` is a constant per sample kind and
+slot (e.g. -beta/2 and +beta/2 for DPO). ``grad L_i`` is therefore ``sum_y c_y grad log p(y)``
+over the sample's sequences, and the sequences are independent rows: they are sorted by length
+and batched on their own, so the two responses of a pair need not be padded to each other.
+
 ``brute_force_scores`` is the authors' procedure (one backward per sample, flattened dot
 product); it is kept as the reference the tests compare against.
 """
@@ -114,6 +119,44 @@ def _kinds(samples: Sequence[Sample], device) -> torch.Tensor:
     return torch.tensor([int(s.kind) for s in samples], dtype=torch.long, device=device)
 
 
+def loss_coefficients(samples: Sequence[Sample], beta: float, punish_form: PunishForm = "trace") -> torch.Tensor:
+    """``dL_i / d log p(sequence)`` at theta_ref (every log-ratio 0), shape [S, 2], float64.
+
+    Taken by autograd through the very loss functions the trainer uses, so the scores follow
+    any change to them.
+    """
+    at_ref = torch.zeros((len(samples), 2), dtype=torch.float64, requires_grad=True)
+    losses = conflict_losses(_kinds(samples, "cpu"), at_ref, at_ref.detach(), beta, punish_form)
+    (coef,) = torch.autograd.grad(losses.sum(), [at_ref])
+    return coef
+
+
+@dataclass(frozen=True)
+class _Row:
+    sample: int
+    slot: int
+    coef: float
+    length: int
+
+
+def _rows(samples: Sequence[Sample], coef: torch.Tensor) -> list[_Row]:
+    """Every sequence of every sample as a row, sorted by length (little padding per batch)."""
+    rows = [
+        _Row(i, j, float(coef[i, j]), len(seq.input_ids))
+        for i, s in enumerate(samples)
+        for j, seq in enumerate(s.sequences)
+    ]
+    return sorted(rows, key=lambda r: r.length)
+
+
+def _row_batches(samples, rows: list[_Row], rows_per_batch: int, pad_token_id: int, device):
+    for start in range(0, len(rows), rows_per_batch):
+        chunk = rows[start : start + rows_per_batch]
+        batch = pad_sequences([samples[r.sample].sequences[r.slot] for r in chunk], pad_token_id).to(device)
+        coef = torch.tensor([r.coef for r in chunk], dtype=torch.float32, device=device)
+        yield chunk, batch, coef
+
+
 class _eval_mode:
     """Scores are taken without dropout: the deterministic model at theta_ref."""
 
@@ -138,22 +181,25 @@ def gold_gradient(
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """``g_F = grad sum_{gold} L_DPO`` at theta_ref, keyed by trainable parameter (float32)."""
+    """``g_F = grad sum_{gold} L_DPO`` at theta_ref, keyed by trainable parameter (float32).
+
+    ``batch_size`` counts pairs; a batch holds ``2 * batch_size`` sequences.
+    """
     params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise TraceError("the model has no trainable parameters")
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    with _eval_mode(model):
-        for idx in _batches(len(gold), batch_size, _length_order(gold)):
-            chunk = [gold[i] for i in idx]
-            policy, _ = _batch_logps(model, chunk, pad_token_id)
-            loss = conflict_losses(_kinds(chunk, policy.device), policy, policy.detach(), beta).sum()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+    device = next(model.parameters()).device
+    rows = _rows(gold, loss_coefficients(gold, beta))
+    with _eval_mode(model), torch.enable_grad():
+        for chunk, batch, coef in _row_batches(gold, rows, 2 * batch_size, pad_token_id, device):
+            logps = response_logps(forward_logits(model, batch), batch)
+            grads = torch.autograd.grad((coef * logps).sum(), params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
                     a += g.float()
             if progress:
-                progress(len(chunk))
+                progress(len(chunk) / 2)
     return dict(zip(params, acc))
 
 
@@ -288,29 +334,28 @@ def impact_scores(
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> ScoreResult:
-    """Exact ``s_i = <g_F, grad L_i>`` and the reference log-probs, from one batched pass per batch."""
+    """Exact ``s_i = <g_F, grad L_i>`` and the reference log-probs, from one batched pass per batch.
+
+    ``batch_size`` counts pairs; a batch holds ``2 * batch_size`` sequences.
+    """
     n = len(samples)
     scores = torch.zeros(n, dtype=torch.float64)
     ref = torch.zeros((n, 2), dtype=torch.float32)
+    rows = _rows(samples, loss_coefficients(samples, beta, punish_form))
     hooks = _ScoreHooks(model, g_f)
     device = next(model.parameters()).device
     try:
         with _eval_mode(model), torch.enable_grad():
-            for idx in _batches(n, batch_size, _length_order(samples)):
-                chunk = [samples[i] for i in idx]
-                n_rows = sum(len(s.sequences) for s in chunk)
-                hooks.start(n_rows, device)
-                policy, row_sample = _batch_logps(model, chunk, pad_token_id)
-                losses = conflict_losses(_kinds(chunk, device), policy, policy.detach(), beta, punish_form)
-                torch.autograd.grad(losses.sum(), [hooks.dummy])
-                per_sample = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
-                    0, row_sample, hooks.row_scores.cpu()
-                )
-                index = torch.tensor(idx, dtype=torch.long)
-                scores[index] = per_sample
-                ref[index] = policy.detach().float().cpu()
+            for chunk, batch, coef in _row_batches(samples, rows, 2 * batch_size, pad_token_id, device):
+                hooks.start(len(chunk), device)
+                logps = response_logps(forward_logits(model, batch), batch)
+                torch.autograd.grad((coef * logps).sum(), [hooks.dummy])
+                sample_idx = torch.tensor([r.sample for r in chunk], dtype=torch.long)
+                slot_idx = torch.tensor([r.slot for r in chunk], dtype=torch.long)
+                scores.index_add_(0, sample_idx, hooks.row_scores.cpu())
+                ref[sample_idx, slot_idx] = logps.detach().float().cpu()
                 if progress:
-                    progress(len(chunk))
+                    progress(len(chunk) / 2)
     finally:
         hooks.remove()
     return ScoreResult(scores, ref)
