@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from trace_core.errors import ConfigError
+from trace_core.errors import ConfigError, describe_validation_errors
 from trace_core.oracle.base import (
     DEFAULT_CORRECTION_TEMPLATE,
     DEFAULT_PROMPT_TEMPLATE,
@@ -113,15 +113,4 @@ def parse_judge_config(config: dict[str, Any] | BaseModel, where: str = "judge")
     try:
         return _ADAPTER.validate_python(config)
     except ValidationError as exc:
-        raise ConfigError("; ".join(_describe(e, where) for e in exc.errors())) from None
-
-
-def _describe(error: dict[str, Any], where: str) -> str:
-    # The discriminated union puts the backend name first in the location; drop it.
-    loc = [str(p) for p in error["loc"] if p not in BACKENDS]
-    name = ".".join([where, *loc])
-    if error["type"] == "extra_forbidden":
-        return f"unknown setting '{name}' (check its spelling)"
-    if error["type"] == "missing":
-        return f"setting '{name}' is required"
-    return f"setting '{name}': {error['msg']}"
+        raise ConfigError(describe_validation_errors(exc.errors(), where, drop=BACKENDS)) from None

@@ -1,0 +1,189 @@
+"""``trace-realign``: the command-line interface.
+
+    trace-realign run --config F [--set k=v ...] [--until STAGE] [--fresh STAGE]
+    trace-realign prepare-model NAME
+    trace-realign show [--workdir DIR]
+    trace-realign ui [--workdir DIR] [--port N]
+    trace-realign watch --config F [--interval S] [--cron EXPR] [--server URL]
+
+Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def prefect_environment(workdir: str | Path) -> dict[str, str]:
+    """Prefect's home, result storage and telemetry settings, all inside the working folder."""
+    home = Path(workdir).resolve() / "prefect"
+    (home / "results").mkdir(parents=True, exist_ok=True)
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Prefect logs a failed task's traceback; the CLI reports the one-line cause itself."""
+
+    class _NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info = None
+            record.exc_text = None
+            return "Traceback" not in record.getMessage()
+
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine", "prefect"):
+        logging.getLogger(name).addFilter(_NoTraceback())
+
+
+def _print_summary(manifest: dict) -> None:
+    stages = manifest.get("stages", {})
+    print()
+    print(f"{'stage':<12} {'cached':<7} mlflow run")
+    for stage, info in stages.items():
+        print(f"{stage:<12} {str(info['cached']).lower():<7} {info.get('mlflow_run_id') or ''}")
+    evaluation = stages.get("evaluate", {}).get("metrics", {})
+    if evaluation:
+        print()
+        print(f"{'metric':<32} {'before':>10} {'after':>10}")
+        for key in sorted(k[:-7] for k in evaluation if k.endswith("_before")):
+            before, after = evaluation.get(f"{key}_before"), evaluation.get(f"{key}_after")
+            if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+                print(f"{key:<32} {before:>10.2f} {after:>10.2f}")
+        for key in ("judge_accuracy", "utility_ratio"):
+            if key in evaluation:
+                print(f"{key:<32} {evaluation[key]:>21.3f}")
+    print()
+    print(f"manifest: {manifest['manifest_path']}")
+    print(f"browse runs: trace-realign ui --workdir {manifest['config']['run']['workdir']}")
+
+
+def cmd_run(args) -> int:
+    from trace_core.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    os.environ.update(prefect_environment(cfg.run.workdir))
+    from flows.preflight import preflight
+
+    preflight(cfg)
+    _quiet_prefect_tracebacks()
+    from flows.realign import realign
+
+    manifest = realign(cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress)
+    _print_summary(manifest)
+    return 0
+
+
+def cmd_prepare_model(args) -> int:
+    from trace_core.assets import prepare_model
+
+    print(prepare_model(args.name, Path(args.cache_dir) if args.cache_dir else None))
+    return 0
+
+
+def _last(workdir: str) -> dict:
+    from trace_core.errors import TraceError
+
+    pointer = Path(workdir, "runs", "last.json")
+    if not pointer.is_file():
+        raise TraceError(f"{pointer}: no run yet in this working folder (run 'trace-realign run --config ...' first)")
+    return json.loads(pointer.read_text())
+
+
+def cmd_show(args) -> int:
+    last = _last(args.workdir)
+    manifest = json.loads(Path(last["manifest"]).read_text())
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"run {manifest['run_id']}  status {manifest.get('status')}  created {manifest['created']}")
+    print(f"policy {manifest['policy'].get('name')} v{manifest['policy'].get('version')} sha256 {manifest['policy']['sha256'][:12]}")
+    print(f"data {manifest['data']['path']} sha256 {manifest['data']['sha256'][:12]}  model {manifest['model']['spec']}")
+    manifest["manifest_path"] = last["manifest"]
+    _print_summary(manifest)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from tasks.tracking import tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(args.workdir, None)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, 15)
+        proc.wait()
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flows.stages import STAGES
+
+    ap = argparse.ArgumentParser(prog="trace-realign", description="Realign a model to a changed policy (TRACE).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the realign flow once on the embedded local Prefect server")
+    run.add_argument("--config", required=True)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    run.add_argument("--until", default="evaluate", choices=STAGES, help="stop after this stage")
+    run.add_argument("--fresh", action="append", default=[], choices=STAGES, help="recompute this stage and what follows")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+    prep = sub.add_parser("prepare-model", help="convert a packaged model (smollm2-135m-instruct, tiny-random) once")
+    prep.add_argument("name")
+    prep.add_argument("--cache-dir", default=None)
+    prep.set_defaults(func=cmd_prepare_model)
+    show = sub.add_parser("show", help="the last run's manifest and metrics")
+    show.add_argument("--workdir", default=".trace")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+    ui = sub.add_parser("ui", help="start the MLflow UI on the run store")
+    ui.add_argument("--workdir", default=".trace")
+    ui.add_argument("--tracking-uri", default=None)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    watch = sub.add_parser("watch", help="serve deployments that realign whenever the policy changes")
+    watch.add_argument("--config", required=True)
+    watch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    watch.add_argument("--interval", type=float, default=60.0, help="seconds between policy checks")
+    watch.add_argument("--cron", default=None, help="also realign on this schedule")
+    watch.add_argument("--server", default=None, help="Prefect API URL of a running server; default: start one")
+    watch.set_defaults(func=lambda a: __import__("flows.watch", fromlist=["cmd_watch"]).cmd_watch(a))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trace_core.errors import TraceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TraceError as exc:
+        print(f"trace-realign: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("trace-realign: interrupted; finished work is cached, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

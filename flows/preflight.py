@@ -1,0 +1,21 @@
+"""Checks before a run starts, so bad input fails fast with one line and writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trace_core.config import PipelineConfig
+from trace_core.errors import ConfigError, DataError
+from trace_core.policy import load_policy
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """The policy parses, the data file exists, the other files the config names exist."""
+    load_policy(cfg.policy.path)
+    data = Path(cfg.data.path)
+    looks_local = data.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or cfg.data.path.startswith((".", "/", "~"))
+    if cfg.data.format != "hf" and looks_local and not data.exists():
+        raise DataError(f"{cfg.data.path}: data file not found (data.path)")
+    for setting, value in (("weights.gold_path", cfg.weights.gold_path), ("evaluation.prompts_path", cfg.evaluation.prompts_path)):
+        if value and not Path(value).exists():
+            raise ConfigError(f"{setting}: file not found: {value}")

@@ -1,0 +1,230 @@
+"""The realign flow: load -> judge (per shard) -> triage -> reference -> train -> evaluate.
+
+Every stage is a cached Prefect task (see tasks/common.py for the cache key); the flow records a
+run manifest and one MLflow parent run whose children are the stage runs. A stage answered from
+the cache did not run, so its MLflow run is the one that made its artifacts: the parent run is
+tagged with that run's id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import subprocess
+from pathlib import Path
+
+from prefect import flow
+
+from flows.stages import STAGES
+
+from tasks import plots, tracking
+from tasks.artifacts import file_sha256, folder_sha256, write_json_at
+from tasks.common import RunContext, StageResult
+from tasks.judge import judge_shard
+from tasks.load import load_data
+from tasks.partition import triage_and_partition
+from tasks.reference import reference_stage
+from tasks.train import train_stage
+from trace_core.assets import read_marker, resolve_model
+from trace_core.config import PipelineConfig
+from trace_core.data import text_sha256
+from trace_core.errors import TraceError
+from trace_core.policy import load_policy
+
+PACKAGES = ("trace-realign", "torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "prefect", "mlflow", "openai")
+
+
+def data_fingerprint(data: dict) -> str:
+    path = Path(data["path"])
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        return folder_sha256(path)
+    return text_sha256(["hf", data["path"], data.get("split"), data.get("config_name")])
+
+
+def model_fingerprint(spec: str) -> str:
+    folder = Path(resolve_model(spec))
+    marker = read_marker(folder)
+    if marker and marker.get("source_sha256"):
+        return text_sha256([spec, marker["source_sha256"]])
+    return folder_sha256(folder)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _missing(result: StageResult) -> bool:
+    return any(not Path(p).exists() for p in result.artifact_paths())
+
+
+def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResult:
+    """Run a stage task (from the cache when it may), recomputing it if a cached artifact is gone."""
+    state = task.with_options(refresh_cache=stage in fresh)(**kwargs, return_state=True)
+    result = state.result()
+    if state.name == "Cached" and _missing(result):
+        state = task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        result = state.result()
+    record[result.stage] = {
+        "cached": state.name == "Cached",
+        "mlflow_run_id": result.mlflow_run_id,
+        "artifacts": result.artifacts,
+        "metrics": result.metrics,
+        **({"info": result.info} if result.info else {}),
+    }
+    return result
+
+
+@flow(name="realign", log_prints=True)
+def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = None, progress: bool = True) -> dict:
+    """Realign the model of ``config`` to its new policy; returns the run manifest."""
+    cfg = PipelineConfig.model_validate(config)
+    if until not in STAGES:
+        raise TraceError(f"--until: unknown stage '{until}' (stages: {', '.join(STAGES)})")
+    fresh_set: set[str] = set()
+    for stage in fresh or []:
+        if stage not in STAGES:
+            raise TraceError(f"--fresh: unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+        fresh_set.update(STAGES[STAGES.index(stage) :])
+    workdir = Path(cfg.run.workdir).resolve()
+    uri = tracking.tracking_uri(workdir, cfg.mlflow.tracking_uri)
+    policy = load_policy(cfg.policy.path)
+    data = cfg.section("data")
+    data_sha = data_fingerprint(data)
+    model_sha = model_fingerprint(cfg.model.path)
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, cfg.mlflow.experiment, workdir)
+    tags = {
+        "mlflow.runName": cfg.run.name,
+        "policy_sha256": policy.sha256,
+        "policy_name": policy.name or "",
+        "policy_version": str(policy.version or ""),
+        "data_sha256": data_sha,
+        "model": cfg.model.path,
+        "git_commit": git_commit() or "",
+    }
+    parent = c.create_run(exp, tags=tags)
+    pid = parent.info.run_id
+    ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, pid, progress)
+    run = ctx.as_dict()
+    tracking.log_params(c, pid, {k: cfg.section(k) for k in ("model", "data", "triage", "weights", "training", "evaluation")})
+    stages: dict[str, dict] = {}
+    manifest = {
+        "run_id": pid,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "config": cfg.model_dump(mode="json"),
+        "policy": {"path": str(Path(cfg.policy.path).resolve()), "sha256": policy.sha256, "name": policy.name, "version": policy.version},
+        "data": {"path": data["path"], "sha256": data_sha},
+        "model": {"spec": cfg.model.path, "sha256": model_sha},
+        "git_commit": tags["git_commit"] or None,
+        "packages": package_versions(),
+        "stages": stages,
+        "until": until,
+    }
+    status = "FAILED"
+    try:
+        loaded = _run(load_data, "load", fresh_set, stages, data=data, data_sha256=data_sha, run=run)
+        if until != "load":
+            oracle = cfg.section("oracle")
+            verdicts = []
+            for i, shard in enumerate(loaded.artifacts["shards"]):
+                verdicts.append(
+                    _run(
+                        judge_shard, "judge", fresh_set, stages,
+                        shard=shard, shard_index=i, policy_path=str(Path(cfg.policy.path).resolve()),
+                        policy_sha256=policy.sha256, oracle=oracle, run=run,
+                    ).artifacts["verdicts"]
+                )
+            manifest["judge_requests"] = sum(
+                info["metrics"].get("judge_requests", 0)
+                for stage, info in stages.items()
+                if stage.startswith("judge-") and not info["cached"]
+            )
+        if until not in ("load", "judge"):
+            triaged = _run(
+                triage_and_partition, "triage", fresh_set, stages,
+                pairs=loaded.artifacts["pairs"], verdicts=verdicts, triage=cfg.section("triage"),
+                holdout_fraction=cfg.evaluation.holdout_fraction if cfg.evaluation.enabled and not cfg.evaluation.prompts_path else 0.0,
+                shard_size=cfg.data.shard_size, policy_path=str(Path(cfg.policy.path).resolve()),
+                policy_sha256=policy.sha256, oracle=oracle, run=run,
+            )
+            _log_triage_plot(c, pid, triaged)
+        if until in ("reference", "train", "evaluate"):
+            ref = _run(
+                reference_stage, "reference", fresh_set, stages,
+                shards=triaged.artifacts, model=cfg.section("model"), model_sha256=model_sha, weights=cfg.section("weights"),
+                training=cfg.section("training"), triage=cfg.section("triage"), seed=cfg.run.seed, run=run,
+            )
+            _log_weight_plot(c, pid, ref)
+        if until in ("train", "evaluate"):
+            registered = cfg.mlflow.registered_model_name or f"{cfg.run.name}-realigned"
+            trained = _run(
+                train_stage, "train", fresh_set, stages,
+                shards=triaged.artifacts, reference=ref.artifacts, model=cfg.section("model"), model_sha256=model_sha,
+                training=cfg.section("training"), triage=cfg.section("triage"), policy_sha256=policy.sha256,
+                seed=cfg.run.seed, registered_model_name=registered if cfg.mlflow.register_model else None, run=run,
+            )
+        if until == "evaluate" and cfg.evaluation.enabled:
+            from tasks.evaluate import evaluate_stage
+
+            _run(
+                evaluate_stage, "evaluate", fresh_set, stages,
+                holdout=triaged.artifacts.get("holdout", []), trained=trained.artifacts, model=cfg.section("model"),
+                model_sha256=model_sha, evaluation=cfg.section("evaluation"), training=cfg.section("training"),
+                oracle=oracle, policy_path=str(Path(cfg.policy.path).resolve()), policy_sha256=policy.sha256,
+                seed=cfg.run.seed, run=run,
+            )
+        status = "FINISHED"
+    finally:
+        manifest["status"] = status
+        for stage, info in stages.items():
+            if info.get("mlflow_run_id"):
+                c.set_tag(pid, f"stage.{stage}.run_id", info["mlflow_run_id"])
+                c.set_tag(pid, f"stage.{stage}.cached", str(info["cached"]).lower())
+        for stage, info in stages.items():
+            tracking.log_metrics(c, pid, {f"{stage}.{k}": v for k, v in info["metrics"].items()})
+        runs = Path(workdir, "runs")
+        path = write_json_at(manifest, runs / pid / "manifest.json")
+        write_json_at({"run_id": pid, "manifest": str(path), "tracking_uri": uri}, runs / "last.json")
+        c.log_artifact(pid, str(path))
+        c.set_terminated(pid, status=status)
+        manifest["manifest_path"] = str(path)
+    return manifest
+
+
+def _log_triage_plot(c, pid, triaged: StageResult) -> None:
+    import tempfile
+
+    counts = {k: triaged.metrics.get(f"triage_{k}", 0) for k in ("invert", "punish", "retain", "unknown")}
+    with tempfile.TemporaryDirectory() as tmp:
+        c.log_artifact(pid, str(plots.bar_chart(counts, "triage", "pairs", Path(tmp) / "triage_counts.png")), "plots")
+
+
+def _log_weight_plot(c, pid, ref: StageResult) -> None:
+    import tempfile
+
+    from tasks.artifacts import read_parquet
+
+    rows = read_parquet(ref.artifacts["weights"]["path"]).to_pylist()
+    weights = [r["weight"] for r in rows if r["kind"] != "retain"]
+    if weights:
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plots.histogram(weights, "impact weights (conflict samples)", "w_i", Path(tmp) / "impact_weights.png")
+            c.log_artifact(pid, str(png), "plots")

@@ -1,0 +1,107 @@
+"""Artifact files: written atomically, named by content hash, described for the run manifest.
+
+A stage writes to a temporary file in the target folder and renames it into place, so a crash
+or an interrupt never leaves a half-written file under a final name. Files are named
+``<stem>-<sha8>.<ext>`` after the sha256 of their bytes: the same content, the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_sha256(path: str | Path) -> str:
+    """sha256 over the relative names and contents of every file below ``path``."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _publish(tmp: Path, folder: Path, stem: str, ext: str) -> Path:
+    digest = file_sha256(tmp)
+    final = folder / f"{stem}-{digest[:8]}.{ext}"
+    os.replace(tmp, final)
+    return final
+
+
+def _temp(folder: Path, ext: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".tmp-", suffix="." + ext, dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
+def write_parquet(table: pa.Table, folder: str | Path, stem: str) -> Path:
+    """Write ``table`` atomically as ``<stem>-<sha8>.parquet`` in ``folder``."""
+    folder = Path(folder)
+    tmp = _temp(folder, "parquet")
+    try:
+        pq.write_table(table, tmp)
+        return _publish(tmp, folder, stem, "parquet")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(data: Any, folder: str | Path, stem: str) -> Path:
+    """Write ``data`` atomically as ``<stem>-<sha8>.json`` in ``folder``."""
+    folder = Path(folder)
+    tmp = _temp(folder, "json")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        return _publish(tmp, folder, stem, "json")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_at(data: Any, path: str | Path) -> Path:
+    """Write ``data`` atomically at a fixed path (e.g. a run's manifest)."""
+    path = Path(path)
+    tmp = _temp(path.parent, "json")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def publish_folder(build: Path, final: Path) -> Path:
+    """Move a fully built folder into place; an existing folder of the same name is replaced."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(build, final)
+    return final
+
+
+def describe(path: str | Path, rows: int | None = None) -> dict[str, Any]:
+    """What the manifest records about an artifact: path, sha256 and row count."""
+    p = Path(path)
+    if p.is_dir():
+        return {"path": str(p), "sha256": folder_sha256(p), "rows": rows, "kind": "folder"}
+    if rows is None and p.suffix == ".parquet":
+        rows = pq.ParquetFile(p).metadata.num_rows
+    return {"path": str(p), "sha256": file_sha256(p), "rows": rows, "kind": "file"}
+
+
+def read_parquet(path: str | Path) -> pa.Table:
+    return pq.read_table(path)

@@ -1,0 +1,105 @@
+"""What every stage task shares: the run context, the cache key, the stage result.
+
+Cache key: a stage is reused across flow runs when its task source and its parameters are the
+same. Parameters carry content hashes (of the data file, the policy, upstream artifacts, which
+are named by content hash) and the stage's config section, never a bare path to a file that
+could change behind it. The run context (MLflow parent run id, working folder) is left out: it
+changes every run and does not change what the stage computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RunContext:
+    """Where a run writes and logs; not part of any cache key."""
+
+    workdir: str
+    mlflow_uri: str
+    experiment: str
+    parent_run_id: str | None = None
+    progress: bool = True
+
+    def folder(self, *parts: str) -> Path:
+        p = Path(self.workdir, *parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def context_of(run: dict | RunContext) -> RunContext:
+    return run if isinstance(run, RunContext) else RunContext(**run)
+
+
+def stage_cache_key(context, parameters: dict[str, Any]) -> str:
+    """sha256 of the task's name and source and its parameters without the run context."""
+    keyed = {k: v for k, v in parameters.items() if k != "run"}
+    source = inspect.getsource(context.task.fn)
+    payload = json.dumps([context.task.name, source, keyed], sort_keys=True, default=str)
+    return context.task.name + "-" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class StageResult:
+    """A stage's small, persisted result: artifact descriptions, its MLflow run, its numbers."""
+
+    stage: str
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return self.artifacts[name]["path"]
+
+    def sha(self, name: str) -> str:
+        return self.artifacts[name]["sha256"]
+
+    def artifact_paths(self) -> list[str]:
+        out = []
+        for a in self.artifacts.values():
+            out.extend(x["path"] for x in (a if isinstance(a, list) else [a]))
+        return out
+
+
+def device_for(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+class Bar:
+    """A tqdm progress bar fed by trace_core's ``progress`` callbacks (absolute or incremental)."""
+
+    def __init__(self, desc: str, total: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+    def add(self, n: float) -> None:
+        self.bar.update(n)
+
+    def absolute(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

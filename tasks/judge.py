@@ -1,0 +1,89 @@
+"""Stage: judge both responses of every pair under the new policy, one task run per shard.
+
+Verdicts go to the persistent verdict cache as they arrive, so a crash loses at most the
+requests in flight and a rerun of the shard asks only what is missing.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from prefect import task
+
+from tasks import tracking
+from tasks.artifacts import describe, read_parquet, write_parquet
+from tasks.common import Bar, StageResult, context_of, stage_cache_key
+from trace_core.data import table_to_pairs
+from trace_core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge
+from trace_core.policy import load_policy
+
+VERDICT_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("chosen_compliant", pa.bool_()),
+        ("rejected_compliant", pa.bool_()),
+        ("chosen_confidence", pa.float64()),
+        ("rejected_confidence", pa.float64()),
+        ("chosen_reason", pa.string()),
+        ("rejected_reason", pa.string()),
+        ("chosen_raw", pa.string()),
+        ("rejected_raw", pa.string()),
+        ("judge", pa.string()),
+        ("policy_sha256", pa.string()),
+    ]
+)
+
+
+def _annotations(response_ann, metadata):
+    if response_ann is None:
+        return None
+    ann = dict(response_ann)
+    if "prompt_tags" in metadata and "prompt_tags" not in ann:
+        ann["prompt_tags"] = metadata["prompt_tags"]
+    return ann
+
+
+def judge_items(pairs):
+    """Two items per pair: (prompt, chosen) then (prompt, rejected)."""
+    items = []
+    for p in pairs:
+        items.append(JudgeItem(p.prompt, p.chosen, _annotations(p.chosen_annotations, p.metadata)))
+        items.append(JudgeItem(p.prompt, p.rejected, _annotations(p.rejected_annotations, p.metadata)))
+    return items
+
+
+@task(name="judge", cache_key_fn=stage_cache_key, persist_result=True, task_run_name="judge-{shard_index}")
+def judge_shard(shard: dict, shard_index: int, policy_path: str, policy_sha256: str, oracle: dict, run: dict) -> StageResult:
+    """One shard of pairs -> ``verdicts-<k>-<sha8>.parquet`` (schema ``VERDICT_SCHEMA``)."""
+    ctx = context_of(run)
+    policy = load_policy(policy_path)
+    pairs = table_to_pairs(read_parquet(shard["path"]))
+    items = judge_items(pairs)
+    stage = f"judge-{shard_index:04d}"
+    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, stage) as (c, run_id):
+        with make_judge(oracle) as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
+            with Bar(f"judging shard {shard_index}", len(items), ctx.progress) as bar:
+                verdicts, stats = judge_with_cache(judge, items, policy, cache, progress=bar.absolute)
+            identity = judge.identity
+        rows = []
+        for i, p in enumerate(pairs):
+            vc, vr = verdicts[2 * i], verdicts[2 * i + 1]
+            rows.append(
+                {
+                    "pair_id": p.pair_id,
+                    "chosen_compliant": vc.compliant,
+                    "rejected_compliant": vr.compliant,
+                    "chosen_confidence": vc.confidence,
+                    "rejected_confidence": vr.confidence,
+                    "chosen_reason": vc.reason,
+                    "rejected_reason": vr.reason,
+                    "chosen_raw": vc.raw,
+                    "rejected_raw": vr.raw,
+                    "judge": identity,
+                    "policy_sha256": policy.sha256,
+                }
+            )
+        path = write_parquet(pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA), ctx.folder("artifacts", "verdicts"), f"verdicts-{shard_index:04d}")
+        metrics = {f"judge_{k}": v for k, v in stats.items()}
+        tracking.log_params(c, run_id, {"oracle": {k: v for k, v in oracle.items() if "template" not in k}, "judge_identity": identity})
+        tracking.log_metrics(c, run_id, metrics)
+        return StageResult(stage, {"verdicts": describe(path, len(rows))}, metrics, run_id, {"judge": identity})

@@ -1,0 +1,46 @@
+"""Stage: load and validate the preference pairs, write them as Parquet shards for judging."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from tasks import tracking
+from tasks.artifacts import describe, write_parquet
+from tasks.common import StageResult, context_of, stage_cache_key
+from trace_core.data import load_pairs, pairs_to_table
+
+
+@task(name="load", cache_key_fn=stage_cache_key, persist_result=True)
+def load_data(data: dict, data_sha256: str, run: dict) -> StageResult:
+    """Pairs file -> ``pairs-<sha8>.parquet`` and ``shard-<k>-<sha8>.parquet`` (``data.shard_size`` pairs each)."""
+    ctx = context_of(run)
+    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "load") as (c, run_id):
+        result = load_pairs(
+            data["path"],
+            format=data.get("format"),
+            split=data.get("split", "train"),
+            config_name=data.get("config_name"),
+            columns=data.get("columns") or None,
+            adapter=data.get("adapter", "pairs"),
+            on_invalid=data.get("on_invalid", "error"),
+            limit=data.get("limit"),
+        )
+        folder = ctx.folder("artifacts", "data")
+        table = pairs_to_table(result.pairs)
+        pairs_path = write_parquet(table, folder, "pairs")
+        size = data.get("shard_size", 256)
+        shards = [
+            describe(write_parquet(table.slice(start, size), folder, f"shard-{start // size:04d}"))
+            for start in range(0, table.num_rows, size)
+        ]
+        metrics = {"rows_read": result.rows_read, "pairs": len(result.pairs), "skipped": sum(result.skipped.values())}
+        tracking.log_params(c, run_id, {"data": data})
+        tracking.log_metrics(c, run_id, metrics)
+        tracking.log_dataset(c, run_id, "preference_pairs", data["path"], data_sha256, len(result.pairs))
+        return StageResult(
+            "load",
+            {"pairs": describe(pairs_path, table.num_rows), "shards": shards},
+            metrics,
+            run_id,
+            {"skipped": dict(result.skipped)},
+        )

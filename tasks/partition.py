@@ -1,0 +1,123 @@
+"""Stage: triage every pair from its verdicts and partition into Parquet shards.
+
+Outputs ``invert-*``, ``punish-*``, ``retain-*`` shards of training pairs, ``unknown-*`` (left
+out of training, counted), and ``holdout-*``: pairs kept out of training for evaluation, chosen
+by a hash of their ``pair_id`` so the split is stable across runs. With ``triage.corrections``
+the oracle writes a correction for every PUNISH pair (cached like verdicts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+from prefect import task
+
+from tasks import tracking
+from tasks.artifacts import describe, read_parquet, write_parquet
+from tasks.common import Bar, StageResult, context_of, stage_cache_key
+from trace_core.data import PAIR_COLUMNS, pairs_to_table, table_to_pairs
+from trace_core.oracle import JudgeItem, VerdictCache, correct_with_cache, make_judge
+from trace_core.policy import load_policy
+from trace_core.triage import TriagedPair, TriageType, triage_counts, triage_pairs
+
+SHARD_EXTRA = [
+    ("triage", pa.string()),
+    ("chosen_compliant", pa.bool_()),
+    ("rejected_compliant", pa.bool_()),
+    ("correction", pa.string()),
+]
+
+
+def is_holdout(pair_id: str, fraction: float) -> bool:
+    """Stable membership of the evaluation split: a hash of the pair id below ``fraction``."""
+    if fraction <= 0:
+        return False
+    bucket = int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
+    table = pairs_to_table([t.pair for t in triaged])
+    for (name, typ), values in zip(
+        SHARD_EXTRA,
+        (
+            [t.type.value for t in triaged],
+            [t.chosen_compliant for t in triaged],
+            [t.rejected_compliant for t in triaged],
+            [t.correction for t in triaged],
+        ),
+    ):
+        table = table.append_column(pa.field(name, typ), pa.array(values, type=typ))
+    return table
+
+
+def table_to_triaged(table: pa.Table) -> list[TriagedPair]:
+    pairs = table_to_pairs(table.select(list(PAIR_COLUMNS)))
+    cols = table.select([n for n, _ in SHARD_EXTRA]).to_pylist()
+    return [
+        TriagedPair(p, TriageType(c["triage"]), c["chosen_compliant"], c["rejected_compliant"], c["correction"])
+        for p, c in zip(pairs, cols)
+    ]
+
+
+def _write_shards(triaged, folder, stem, size):
+    out = []
+    for start in range(0, len(triaged), size):
+        chunk = triaged[start : start + size]
+        out.append(describe(write_parquet(triaged_to_table(chunk), folder, f"{stem}-{start // size:04d}"), len(chunk)))
+    return out
+
+
+@task(name="triage", cache_key_fn=stage_cache_key, persist_result=True)
+def triage_and_partition(
+    pairs: dict,
+    verdicts: list[dict],
+    triage: dict,
+    holdout_fraction: float,
+    shard_size: int,
+    policy_path: str,
+    policy_sha256: str,
+    oracle: dict,
+    run: dict,
+) -> StageResult:
+    ctx = context_of(run)
+    pair_list = table_to_pairs(read_parquet(pairs["path"]))
+    by_id = {}
+    for v in verdicts:
+        for row in read_parquet(v["path"]).to_pylist():
+            by_id[row["pair_id"]] = row
+    chosen = [by_id.get(p.pair_id, {}).get("chosen_compliant") for p in pair_list]
+    rejected = [by_id.get(p.pair_id, {}).get("rejected_compliant") for p in pair_list]
+    triaged = triage_pairs(pair_list, chosen, rejected)
+
+    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "triage") as (c, run_id):
+        metrics = {}
+        if triage.get("corrections"):
+            punish_idx = [i for i, t in enumerate(triaged) if t.type is TriageType.PUNISH]
+            items = [JudgeItem(triaged[i].pair.prompt, triaged[i].pair.chosen) for i in punish_idx]
+            with make_judge(oracle) as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
+                with Bar("corrections", len(items), ctx.progress) as bar:
+                    corrections, stats = correct_with_cache(judge, items, load_policy(policy_path), cache, bar.absolute)
+            for i, corr in zip(punish_idx, corrections):
+                t = triaged[i]
+                triaged[i] = TriagedPair(t.pair, t.type, t.chosen_compliant, t.rejected_compliant, corr)
+            metrics.update({f"corrections_{k}": v for k, v in stats.items()})
+        holdout = [t for t in triaged if is_holdout(t.pair.pair_id, holdout_fraction)]
+        train = [t for t in triaged if not is_holdout(t.pair.pair_id, holdout_fraction)]
+        folder = ctx.folder("artifacts", "triage")
+        artifacts = {
+            kind.value: _write_shards([t for t in train if t.type is kind], folder, kind.value, shard_size)
+            for kind in TriageType
+        }
+        artifacts["holdout"] = _write_shards(holdout, folder, "holdout", shard_size)
+        counts = triage_counts(t.type for t in triaged)
+        train_counts = triage_counts(t.type for t in train)
+        metrics.update({f"triage_{k}": v for k, v in counts.items()})
+        metrics.update({f"train_{k}": v for k, v in train_counts.items()})
+        metrics["holdout_pairs"] = len(holdout)
+        total = max(1, counts["total"])
+        metrics.update({f"triage_{k}_fraction": counts[k] / total for k in ("invert", "punish", "retain", "unknown")})
+        tracking.log_params(c, run_id, {"triage": triage, "holdout_fraction": holdout_fraction})
+        tracking.log_metrics(c, run_id, metrics)
+        return StageResult("triage", artifacts, metrics, run_id, {"counts": counts})

@@ -1,0 +1,188 @@
+"""The pipeline's configuration: one YAML file, validated by pydantic.
+
+Every section forbids unknown keys, so a misspelt setting is rejected with its full name
+(``training.lerning_rate``) instead of silently taking a default. ``--set key=value``
+overrides take YAML values (``--set training.max_steps=5``, ``--set training.lora.target_modules=[q_proj]``).
+Relative paths are resolved against the working folder the run starts in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trace_core.errors import ConfigError, describe_validation_errors
+from trace_core.oracle.config import BACKENDS, JudgeConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(_Section):
+    name: str = "trace-realign"
+    workdir: str = Field(".trace", description="artifacts, caches, Prefect results and the MLflow store")
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="a known name (smollm2-135m-instruct, tiny-random) or a local model folder")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1")
+
+
+class DataConfig(_Section):
+    path: str
+    format: Literal["jsonl", "json", "csv", "parquet", "hf"] | None = None
+    split: str = "train"
+    config_name: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict, description="schema name -> source column")
+    adapter: Literal["pairs", "pku_saferlhf"] = "pairs"
+    on_invalid: Literal["error", "skip"] = "error"
+    limit: int | None = Field(None, ge=1)
+    shard_size: int = Field(256, ge=1, description="pairs per judging shard: a crash loses at most one shard's requests in flight")
+
+
+class PolicyConfig(_Section):
+    path: str
+
+
+class TriageConfig(_Section):
+    corrections: bool = Field(False, description="PUNISH pairs train an oracle-written correction over y_w")
+    use_triage: bool = Field(True, description="false: the no-triage ablation (NPO on every old loser)")
+
+
+class WeightsConfig(_Section):
+    enabled: bool = Field(True, description="false: the no-impact-weighting ablation (all w_i = 1)")
+    gold_size: int = Field(64, ge=1)
+    gold_path: str | None = Field(None, description="your own gold pairs (prompt, preferred, dispreferred)")
+    batch_size: int = Field(8, ge=1, description="pairs per scoring batch")
+
+
+class LoraConfig(_Section):
+    r: int = Field(32, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class TrainingConfig(_Section):
+    full_finetune: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_length: int = Field(256, ge=8)
+    max_prompt_length: int | None = Field(None, ge=1)
+    beta: float = Field(0.3, gt=0)
+    alpha_kl: float = Field(0.1, ge=0)
+    use_kl: bool = Field(True, description="false: the no-KL ablation")
+    punish_form: Literal["trace", "npo"] = "trace"
+    weight_normalization: Literal["mean", "sum"] = "mean"
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0)
+    merge: bool = Field(False, description="also save merged full weights next to the adapter")
+    fail_at_step: int | None = Field(None, ge=1, description="test switch: crash after this step's checkpoint")
+
+
+class EvaluationConfig(_Section):
+    enabled: bool = True
+    prompts_path: str | None = Field(None, description="held-out prompts (JSONL with 'prompt'); default: held-out pairs")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out of training for evaluation")
+    max_prompts: int = Field(64, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(8, ge=1)
+    judge: JudgeConfig | None = Field(None, description="judge for generations; default: the oracle")
+
+
+class MLflowConfig(_Section):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<workdir>/mlflow.db")
+    experiment: str = "trace-realign"
+    register_model: bool = True
+    registered_model_name: str | None = None
+
+
+class PipelineConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig
+    data: DataConfig
+    policy: PolicyConfig
+    oracle: JudgeConfig
+    triage: TriageConfig = Field(default_factory=TriageConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+    @field_validator("oracle", mode="before")
+    @classmethod
+    def _backend_first(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("backend") not in BACKENDS:
+            raise ValueError(f"oracle.backend must be one of {', '.join(BACKENDS)}")
+        return value
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain data (for cache keys and MLflow params)."""
+        value = getattr(self, name)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: cannot set '{dotted}': '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a config file; problems raise one-line ConfigError naming the setting."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{at}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections")
+    for key, value in parse_overrides(overrides):
+        _set(tree, key, value, str(path))
+    return validate_config(tree, str(path))
+
+
+def validate_config(tree: dict, where: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + describe_validation_errors(exc.errors(), "", drop=BACKENDS)) from None
