@@ -29,7 +29,8 @@ def prefect_environment(workdir: str | Path) -> dict[str, str]:
         "PREFECT_HOME": str(home),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        # The CLI prints its own summary and one-line errors; Prefect's run logs would repeat them.
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "CRITICAL"),
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -37,8 +38,21 @@ def prefect_environment(workdir: str | Path) -> dict[str, str]:
     }
 
 
-def _quiet_prefect_tracebacks() -> None:
-    """Prefect logs a failed task's traceback; the CLI reports the one-line cause itself."""
+def _quiet_libraries() -> None:
+    """Prefect logs a failed task's traceback and the libraries chat on stderr; the CLI reports
+    the one-line cause and its own progress bars instead."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
     class _NoTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
@@ -80,7 +94,7 @@ def cmd_run(args) -> int:
     from flows.preflight import preflight
 
     preflight(cfg)
-    _quiet_prefect_tracebacks()
+    _quiet_libraries()
     from flows.realign import realign
 
     manifest = realign(cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress)

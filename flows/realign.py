@@ -20,6 +20,7 @@ from flows.stages import STAGES
 from tasks import plots, tracking
 from tasks.artifacts import file_sha256, folder_sha256, write_json_at
 from tasks.common import RunContext, StageResult
+from tasks.evaluate import evaluate_stage
 from tasks.judge import judge_shard
 from tasks.load import load_data
 from tasks.partition import triage_and_partition
@@ -31,6 +32,9 @@ from trace_core.data import text_sha256
 from trace_core.errors import TraceError
 from trace_core.policy import load_policy
 
+# What the reference stage depends on: other training settings (learning rate, steps, test switches)
+# must not invalidate its cached scores.
+REFERENCE_TRAINING_KEYS = ("full_finetune", "lora", "max_length", "max_prompt_length", "beta", "punish_form", "use_kl")
 PACKAGES = ("trace-realign", "torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "prefect", "mlflow", "openai")
 
 
@@ -46,8 +50,9 @@ def data_fingerprint(data: dict) -> str:
 def model_fingerprint(spec: str) -> str:
     folder = Path(resolve_model(spec))
     marker = read_marker(folder)
-    if marker and marker.get("source_sha256"):
-        return text_sha256([spec, marker["source_sha256"]])
+    if marker and marker.get("fingerprint"):
+        # A prepared model is identified by what it was made from (hashing 500 MB each run is waste).
+        return text_sha256([marker["fingerprint"], marker.get("transformers_version")])
     return folder_sha256(folder)
 
 
@@ -76,11 +81,16 @@ def _missing(result: StageResult) -> bool:
 
 
 def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResult:
-    """Run a stage task (from the cache when it may), recomputing it if a cached artifact is gone."""
-    state = task.with_options(refresh_cache=stage in fresh)(**kwargs, return_state=True)
+    """Run a stage task (from the cache when it may), recomputing it if a cached artifact is gone.
+
+    Results are stored in the run's working folder, whatever Prefect's global settings say, so
+    two working folders never read each other's cache.
+    """
+    storage = Path(kwargs["run"]["workdir"], "prefect", "results")
+    state = task.with_options(refresh_cache=stage in fresh, result_storage=storage)(**kwargs, return_state=True)
     result = state.result()
     if state.name == "Cached" and _missing(result):
-        state = task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        state = task.with_options(refresh_cache=True, result_storage=storage)(**kwargs, return_state=True)
         result = state.result()
     record[result.stage] = {
         "cached": state.name == "Cached",
@@ -122,7 +132,10 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
     }
     parent = c.create_run(exp, tags=tags)
     pid = parent.info.run_id
-    ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, pid, progress)
+    training = cfg.section("training")
+    # The crash switch is a property of this run, not of what training computes: keep it out of cache keys.
+    fail_at_step = training.pop("fail_at_step")
+    ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, pid, progress, fail_at_step)
     run = ctx.as_dict()
     tracking.log_params(c, pid, {k: cfg.section(k) for k in ("model", "data", "triage", "weights", "training", "evaluation")})
     stages: dict[str, dict] = {}
@@ -170,7 +183,8 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
             ref = _run(
                 reference_stage, "reference", fresh_set, stages,
                 shards=triaged.artifacts, model=cfg.section("model"), model_sha256=model_sha, weights=cfg.section("weights"),
-                training=cfg.section("training"), triage=cfg.section("triage"), seed=cfg.run.seed, run=run,
+                training={k: training[k] for k in REFERENCE_TRAINING_KEYS}, triage=cfg.section("triage"),
+                seed=cfg.run.seed, run=run,
             )
             _log_weight_plot(c, pid, ref)
         if until in ("train", "evaluate"):
@@ -182,12 +196,10 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
                 seed=cfg.run.seed, registered_model_name=registered if cfg.mlflow.register_model else None, run=run,
             )
         if until == "evaluate" and cfg.evaluation.enabled:
-            from tasks.evaluate import evaluate_stage
-
             _run(
                 evaluate_stage, "evaluate", fresh_set, stages,
-                holdout=triaged.artifacts.get("holdout", []), trained=trained.artifacts, model=cfg.section("model"),
-                model_sha256=model_sha, evaluation=cfg.section("evaluation"), training=cfg.section("training"),
+                shards=triaged.artifacts, trained=trained.artifacts, model=cfg.section("model"),
+                model_sha256=model_sha, evaluation=cfg.section("evaluation"), training=training,
                 oracle=oracle, policy_path=str(Path(cfg.policy.path).resolve()), policy_sha256=policy.sha256,
                 seed=cfg.run.seed, run=run,
             )

@@ -28,6 +28,7 @@ class RunContext:
     experiment: str
     parent_run_id: str | None = None
     progress: bool = True
+    fail_training_at_step: int | None = None  # test switch: crash training after this step's checkpoint
 
     def folder(self, *parts: str) -> Path:
         p = Path(self.workdir, *parts)

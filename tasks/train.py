@@ -69,7 +69,7 @@ def train_stage(
         ]
     except KeyError as exc:
         raise TraceError(f"{reference['weights']['path']}: no weight for pair {exc.args[0]}; rerun with --fresh reference") from None
-    settings = train_settings(training, seed, ctx.progress)
+    settings = replace(train_settings(training, seed, ctx.progress), fail_at_step=ctx.fail_training_at_step)
     # The checkpoint folder is named after what determines the run, so a rerun after a crash resumes it.
     key = hashlib.sha256(json.dumps([reference["weights"]["sha256"], training, triage, model_sha256, seed], sort_keys=True).encode()).hexdigest()[:16]
     out_dir = ctx.folder("artifacts", "train", key)

@@ -1,7 +1,15 @@
 import os
 import random
+import tempfile
 
 import pytest
+
+# Prefect and MLflow state of the test session stays in a temporary folder, never the home folder.
+_STATE = tempfile.mkdtemp(prefix="trace-tests-")
+os.environ["PREFECT_HOME"] = os.path.join(_STATE, "prefect")
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_STATE, "prefect", "results")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.makedirs(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"], exist_ok=True)
 
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -38,7 +38,7 @@ import torch
 from trace_core.data import Prompt
 from trace_core.errors import DataError, TraceError
 from trace_core.logprobs import sequence_logps
-from trace_core.modeling import is_peft, reference_mode
+from trace_core.modeling import eval_mode, is_peft, reference_mode
 from trace_core.oracle.base import (
     Judge,
     JudgeItem,
@@ -52,7 +52,7 @@ from trace_core.oracle.base import (
 from trace_core.oracle.cache import VerdictCache, judge_with_cache
 from trace_core.oracle.quality import judge_agreement
 from trace_core.policy import Policy
-from trace_core.tokenization import Encoder, pad_sequences
+from trace_core.tokenization import Encoder, left_pad, length_batches, pad_sequences
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each batch."""
@@ -65,32 +65,6 @@ DEFAULT_GROUP = "all"
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    """``model`` in eval mode (no LoRA dropout) for the block; its training flag restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), so little is padding."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_token_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
-    return ids, mask
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -151,10 +125,10 @@ def generate(
     done = 0
     eos_ids = _eos_ids(model, tokenizer)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _eval_mode(model), torch.inference_mode():
+    with torch.random.fork_rng(devices=devices), eval_mode(model), torch.inference_mode():
         torch.manual_seed(seed)
-        for batch in _length_batches([len(e) for e in encoded], batch_size):
-            ids, mask = _left_pad([encoded[i] for i in batch], pad, device)
+        for batch in length_batches([len(e) for e in encoded], batch_size):
+            ids, mask = left_pad([encoded[i] for i in batch], pad, device)
             generated = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -297,8 +271,8 @@ def response_nll(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
     total_nll, n_tokens = 0.0, 0
-    with _eval_mode(model), torch.inference_mode():
-        for batch_idx in _length_batches([len(s.input_ids) for s in sequences], batch_size):
+    with eval_mode(model), torch.inference_mode():
+        for batch_idx in length_batches([len(s.input_ids) for s in sequences], batch_size):
             batch = pad_sequences([sequences[i] for i in batch_idx], pad).to(device)
             total_nll -= float(sequence_logps(model, batch).double().sum())
             n_tokens += int(batch.response_mask[:, 1:].sum())

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from trace_core.errors import TraceError
 from trace_core.logprobs import forward_logits, response_logps
-from trace_core.modeling import trainable_parameters
+from trace_core.modeling import eval_mode, trainable_parameters
 from trace_core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
 from trace_core.tokenization import pad_sequences
 
@@ -157,19 +157,6 @@ def _row_batches(samples, rows: list[_Row], rows_per_batch: int, pad_token_id: i
         yield chunk, batch, coef
 
 
-class _eval_mode:
-    """Scores are taken without dropout: the deterministic model at theta_ref."""
-
-    def __init__(self, model):
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-
-
 # --------------------------------------------------------------------------- g_F
 
 
@@ -191,7 +178,7 @@ def gold_gradient(
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     device = next(model.parameters()).device
     rows = _rows(gold, loss_coefficients(gold, beta))
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         for chunk, batch, coef in _row_batches(gold, rows, 2 * batch_size, pad_token_id, device):
             logps = response_logps(forward_logits(model, batch), batch)
             grads = torch.autograd.grad((coef * logps).sum(), params, allow_unused=True)
@@ -268,8 +255,12 @@ class _ScoreHooks:
         def hook(module, args, output):
             a = args[0]
 
+            # q must not reference ``output``: the hook lives on ``output``, and a cycle through it
+            # would keep every batch's activations alive until the garbage collector runs.
+            shape = a.shape[:-1] + (module.out_features,)
+
             def q():
-                out = F.linear(a.float(), g_w) if g_w is not None else torch.zeros_like(output, dtype=torch.float32)
+                out = F.linear(a.float(), g_w) if g_w is not None else a.new_zeros(shape, dtype=torch.float32)
                 return out + g_b if g_b is not None else out
 
             if g_w is not None and module.out_features <= module.in_features:
@@ -345,7 +336,7 @@ def impact_scores(
     hooks = _ScoreHooks(model, g_f)
     device = next(model.parameters()).device
     try:
-        with _eval_mode(model), torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             for chunk, batch, coef in _row_batches(samples, rows, 2 * batch_size, pad_token_id, device):
                 hooks.start(len(chunk), device)
                 logps = response_logps(forward_logits(model, batch), batch)
@@ -374,7 +365,7 @@ def brute_force_scores(
     params = [p for _, p in trainable_parameters(model)]
     flat_gf = torch.cat([g_f[p].reshape(-1).double() for p in params])
     out = torch.zeros(len(samples), dtype=torch.float64)
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         for i, s in enumerate(samples):
             policy, _ = _batch_logps(model, [s], pad_token_id)
             loss = conflict_losses(_kinds([s], policy.device), policy, policy.detach(), beta, punish_form).sum()
@@ -394,7 +385,7 @@ def reference_logps(
 ) -> torch.Tensor:
     """Reference log-probs [S, 2] without gradients (for samples that are not scored)."""
     ref = torch.zeros((len(samples), 2), dtype=torch.float32)
-    with _eval_mode(model):
+    with eval_mode(model):
         for idx in _batches(len(samples), batch_size, _length_order(samples)):
             policy, _ = _batch_logps(model, [samples[i] for i in idx], pad_token_id)
             ref[torch.tensor(idx, dtype=torch.long)] = policy.float().cpu()

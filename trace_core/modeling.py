@@ -103,3 +103,14 @@ def reference_mode(model):
         raise TraceError("reference_mode needs a LoRA model; full fine-tuning keeps a frozen reference copy")
     with model.disable_adapter():
         yield model
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) for the block; its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

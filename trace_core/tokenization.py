@@ -165,3 +165,19 @@ def pad_sequences(sequences: Sequence[EncodedSequence], pad_token_id: int) -> Se
         attention[i, :length] = 1
         response[i, s.response_start : length] = 1
     return SequenceBatch(input_ids, attention, response, [len(s.input_ids) for s in sequences])
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so little is padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, for generation and next-token scoring."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_token_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask

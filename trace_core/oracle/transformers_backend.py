@@ -25,6 +25,7 @@ from trace_core.errors import ConfigError, TraceError
 from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict
 from trace_core.oracle.config import TransformersJudgeConfig
 from trace_core.policy import Policy
+from trace_core.tokenization import left_pad, length_batches
 
 _MAX_SANE_CONTEXT = 1_000_000  # tokenizers without a limit report ~1e30
 
@@ -141,19 +142,10 @@ class TransformersJudge(LLMJudge):
         return [self.tokenizer(self._render(m), add_special_tokens=False).input_ids for m in chats]
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices grouped into batches of similar length (longest first), so little is padding."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        size = self.config.batch_size
-        return [order[s : s + size] for s in range(0, len(order), size)]
+        return length_batches(lengths, self.config.batch_size)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
-        import torch
-
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
-        return ids, mask
+        return left_pad(seqs, self.tokenizer.pad_token_id, self.device)
 
     def answer_probabilities(
         self, items: Sequence[JudgeItem], policy: Policy, on_batch: Any = None

@@ -1,0 +1,157 @@
+"""Stage: generate on held-out prompts with the reference and the realigned model, judge both
+under the new policy, and report TPA before and after (overall and per triage bin) and a
+utility proxy (perplexity of held-out RETAIN responses, realigned over reference).
+
+The judge is ``evaluation.judge`` when set, else the oracle. The annotations judge cannot read
+generated text, so with it the stage trains the local embedding judge on the training split's
+responses labelled by the oracle's verdicts, and reports that judge's held-out accuracy next to
+every TPA.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+from prefect import task
+
+from tasks import plots, tracking
+from tasks.artifacts import describe, read_parquet, write_json, write_parquet
+from tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
+from tasks.reference import read_triaged
+from trace_core.assets import resolve_model
+from trace_core.errors import DataError
+from trace_core.evaluation import EmbeddingComplianceJudge, evaluate_generations, utility_proxy
+from trace_core.modeling import load_adapter, load_model, load_tokenizer
+from trace_core.oracle import JudgeItem, VerdictCache, make_judge
+from trace_core.policy import load_policy
+
+EVAL_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()),
+        ("group", pa.string()),
+        ("reference_response", pa.string()),
+        ("realigned_response", pa.string()),
+        ("reference_compliant", pa.bool_()),
+        ("realigned_compliant", pa.bool_()),
+        ("reference_confidence", pa.float64()),
+        ("realigned_confidence", pa.float64()),
+        ("reference_reason", pa.string()),
+        ("realigned_reason", pa.string()),
+    ]
+)
+
+
+def _prompt_text(prompt):
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def embedding_judge(train_triaged, policy, seed: int):
+    """The local judge, fitted on the training split's verdict-labelled responses."""
+    items, labels = [], []
+    for t in train_triaged:
+        for response, label in ((t.pair.chosen, t.chosen_compliant), (t.pair.rejected, t.rejected_compliant)):
+            if label is not None:
+                items.append(JudgeItem(t.pair.prompt, response))
+                labels.append(label)
+    if len(set(labels)) < 2:
+        raise DataError("evaluation: the training split's verdicts have one class only; the embedding judge cannot learn")
+    judge = EmbeddingComplianceJudge()
+    report = judge.fit_with_holdout(items, labels, policy, seed=seed)
+    return judge, report
+
+
+@task(name="evaluate", cache_key_fn=stage_cache_key, persist_result=True)
+def evaluate_stage(
+    shards: dict,
+    trained: dict,
+    model: dict,
+    model_sha256: str,
+    evaluation: dict,
+    training: dict,
+    oracle: dict,
+    policy_path: str,
+    policy_sha256: str,
+    seed: int,
+    run: dict,
+) -> StageResult:
+    ctx = context_of(run)
+    policy = load_policy(policy_path)
+    if evaluation.get("prompts_path"):
+        from trace_core.data import iter_rows
+
+        rows = [r for _, r in iter_rows(evaluation["prompts_path"])]
+        prompts = [r["prompt"] for r in rows]
+        groups = [r.get("group", "all") for r in rows]
+        retain = []
+    else:
+        holdout = read_triaged(shards, kinds=("holdout",))
+        prompts = [t.pair.prompt for t in holdout]
+        groups = [t.type.value for t in holdout]
+        retain = [t.pair for t in holdout if t.type.value == "retain"]
+    prompts, groups = prompts[: evaluation["max_prompts"]], groups[: evaluation["max_prompts"]]
+    if not prompts:
+        raise DataError("evaluation: no held-out prompts (raise evaluation.holdout_fraction or set evaluation.prompts_path)")
+
+    path = resolve_model(model["path"])
+    tokenizer = load_tokenizer(path)
+    device = device_for(model["device"])
+    reference_model = None
+    if "adapter" in trained:
+        realigned = load_adapter(load_model(path, model["dtype"], device), trained["adapter"]["path"], trainable=False)
+    else:
+        realigned = load_model(trained["model"]["path"], model["dtype"], device)
+        reference_model = load_model(path, model["dtype"], device)
+
+    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "evaluate") as (c, run_id):
+        judge_report = None
+        judge_cfg = evaluation.get("judge") or oracle
+        if judge_cfg["backend"] == "annotations":
+            judge, judge_report = embedding_judge(read_triaged(shards), policy, seed)
+        else:
+            judge = make_judge(judge_cfg)
+        with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
+            gen_bar = Bar("generating", 2 * len(prompts), ctx.progress)
+            judge_bar = Bar("judging generations", 2 * len(prompts), ctx.progress)
+            result = evaluate_generations(
+                realigned, tokenizer, prompts, judge, policy,
+                groups=groups, reference_model=reference_model, cache=cache,
+                max_new_tokens=evaluation["max_new_tokens"], batch_size=evaluation["batch_size"],
+                generation_progress=gen_bar.absolute, judge_progress=judge_bar.absolute,
+            )
+            gen_bar.close()
+            judge_bar.close()
+        metrics = dict(result.metrics)
+        if retain:
+            utility = utility_proxy(
+                realigned, tokenizer, [p.prompt for p in retain], [p.chosen for p in retain],
+                reference_model=reference_model, max_length=training["max_length"],
+            )
+            metrics["utility_ratio"] = utility["perplexity_ratio"]
+            metrics["perplexity_reference"] = utility["reference_perplexity"]
+            metrics["perplexity_realigned"] = utility["realigned_perplexity"]
+        if judge_report is not None:
+            metrics["judge_accuracy"] = judge_report["accuracy"]
+            if judge_report.get("cohen_kappa") is not None:
+                metrics["judge_kappa"] = judge_report["cohen_kappa"]
+        rows = [{**r, "prompt": _prompt_text(r["prompt"])} for r in result.rows]
+        folder = ctx.folder("artifacts", "evaluation")
+        table_path = write_parquet(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), folder, "generations")
+        report = {"metrics": metrics, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report}
+        metrics_path = write_json(report, folder, "metrics")
+        tracking.log_params(c, run_id, {"evaluation": {k: v for k, v in evaluation.items() if k != "judge"}, "eval_judge": result.judge})
+        tracking.log_metrics(c, run_id, metrics)
+        c.log_artifact(run_id, str(table_path), "evaluation")
+        c.log_artifact(run_id, str(metrics_path), "evaluation")
+        with tempfile.TemporaryDirectory() as tmp:
+            tpa = {k: v for k, v in (("before", metrics.get("tpa_before")), ("after", metrics.get("tpa_after"))) if v is not None}
+            if tpa:
+                c.log_artifact(run_id, str(plots.bar_chart(tpa, "target policy agreement (%)", "TPA", Path(tmp) / "tpa.png")), "plots")
+        return StageResult(
+            "evaluate",
+            {"generations": describe(table_path, len(rows)), "metrics": describe(metrics_path)},
+            metrics,
+            run_id,
+            {"judge": result.judge},
+        )
