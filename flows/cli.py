@@ -21,16 +21,20 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 
-def prefect_environment(workdir: str | Path) -> dict[str, str]:
-    """Prefect's home, result storage and telemetry settings, all inside the working folder."""
+def prefect_environment(workdir: str | Path, verbose: bool = False) -> dict[str, str]:
+    """Prefect's home, result storage and telemetry settings, all inside the working folder.
+
+    Unless ``verbose``, Prefect's and MLflow's run logs are off: the CLI prints its own progress,
+    summary and one-line errors, which those logs would only repeat with tracebacks.
+    """
     home = Path(workdir).resolve() / "prefect"
     (home / "results").mkdir(parents=True, exist_ok=True)
     return {
         "PREFECT_HOME": str(home),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        # The CLI prints its own summary and one-line errors; Prefect's run logs would repeat them.
-        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "CRITICAL"),
+        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "CRITICAL",
+        "MLFLOW_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -90,7 +94,7 @@ def cmd_run(args) -> int:
     from trace_core.config import load_config
 
     cfg = load_config(args.config, args.set)
-    os.environ.update(prefect_environment(cfg.run.workdir))
+    os.environ.update(prefect_environment(cfg.run.workdir, args.verbose))
     from flows.preflight import preflight
 
     preflight(cfg)
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", default="evaluate", choices=STAGES, help="stop after this stage")
     run.add_argument("--fresh", action="append", default=[], choices=STAGES, help="recompute this stage and what follows")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
     run.set_defaults(func=cmd_run)
     prep = sub.add_parser("prepare-model", help="convert a packaged model (smollm2-135m-instruct, tiny-random) once")
     prep.add_argument("name")

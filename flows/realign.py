@@ -184,7 +184,7 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
                 reference_stage, "reference", fresh_set, stages,
                 shards=triaged.artifacts, model=cfg.section("model"), model_sha256=model_sha, weights=cfg.section("weights"),
                 training={k: training[k] for k in REFERENCE_TRAINING_KEYS}, triage=cfg.section("triage"),
-                seed=cfg.run.seed, run=run,
+                policy_sha256=policy.sha256, seed=cfg.run.seed, run=run,
             )
             _log_weight_plot(c, pid, ref)
         if until in ("train", "evaluate"):

@@ -86,7 +86,8 @@ class Bar:
     def __init__(self, desc: str, total: int, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+        # disable=None: no bar when stderr is not a terminal (logs and CI would get a line per update).
+        self.bar = tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
     def add(self, n: float) -> None:
         self.bar.update(n)

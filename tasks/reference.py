@@ -55,8 +55,19 @@ def encoder_for(tokenizer, training: dict) -> Encoder:
 
 @task(name="reference", cache_key_fn=stage_cache_key, persist_result=True)
 def reference_stage(
-    shards: dict, model: dict, model_sha256: str, weights: dict, training: dict, triage: dict, seed: int, run: dict
+    shards: dict,
+    model: dict,
+    model_sha256: str,
+    weights: dict,
+    training: dict,
+    triage: dict,
+    policy_sha256: str,
+    seed: int,
+    run: dict,
 ) -> StageResult:
+    """Scores, weights and reference log-probs. ``policy_sha256`` is part of the key on purpose:
+    every artifact downstream of a policy edit is recomputed under (and recorded with) the new
+    policy, even where the edit happened not to change a verdict."""
     ctx = context_of(run)
     path = resolve_model(model["path"])
     tokenizer = load_tokenizer(path)
@@ -135,7 +146,9 @@ def reference_stage(
         metrics = {**{k: v for k, v in out.stats.items() if isinstance(v, (int, float))}}
         if scores:
             metrics.update({"score_min": min(scores), "score_max": max(scores), "score_mean": sum(scores) / len(scores)})
-        tracking.log_params(c, run_id, {"weights": weights, "beta": training["beta"], "punish_form": training["punish_form"]})
+        tracking.log_params(
+            c, run_id, {"weights": weights, "beta": training["beta"], "punish_form": training["punish_form"], "policy_sha256": policy_sha256}
+        )
         tracking.log_metrics(c, run_id, metrics)
         c.log_artifact(run_id, str(weights_path), "reference")
         c.log_artifact(run_id, str(gold_path), "reference")

@@ -253,3 +253,24 @@ def test_sigkill_during_judging_then_rerun(tmp_path):
     for f in Path(cfg["run"]["workdir"], "artifacts").rglob("*.parquet"):
         pq.read_table(f)  # every Parquet file is whole
     assert not list(Path(cfg["run"]["workdir"], "artifacts").rglob(".tmp-*"))
+
+
+def test_smoke_config_runs_the_whole_dag_from_the_cli(tmp_path):
+    """configs/smoke.yaml end to end (annotations oracle, embedding judge for the generations)."""
+    work = tmp_path / "smoke"
+    t0 = time.perf_counter()
+    proc = cli(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={work}"], ROOT, timeout=300)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert elapsed < 180
+    assert "judge_accuracy" in proc.stdout and "manifest:" in proc.stdout
+    manifest = json.loads(Path(proc.stdout.split("manifest:")[1].split()[0]).read_text())
+    assert manifest["status"] == "FINISHED"
+    evaluation = manifest["stages"]["evaluate"]
+    assert {"tpa_before", "tpa_after", "utility_ratio", "judge_accuracy"} <= set(evaluation["metrics"])
+    rows = pq.read_table(evaluation["artifacts"]["generations"]["path"]).to_pylist()
+    assert rows and all(r["group"] in ("invert", "punish", "retain") for r in rows)
+    counts = manifest["stages"]["triage"]["metrics"]
+    assert min(counts["triage_invert"], counts["triage_punish"], counts["triage_retain"]) >= 0.15 * counts["triage_total"]
+    shown = cli(["show", "--workdir", str(work)], ROOT)
+    assert shown.returncode == 0 and manifest["run_id"] in shown.stdout
