@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--interval", type=float, default=60.0, help="seconds between policy checks")
     watch.add_argument("--cron", default=None, help="also realign on this schedule")
     watch.add_argument("--server", default=None, help="Prefect API URL of a running server; default: start one")
+    watch.add_argument("--until", default="evaluate", choices=STAGES, help="the stage each triggered run stops after")
     watch.set_defaults(func=lambda a: __import__("flows.watch", fromlist=["cmd_watch"]).cmd_watch(a))
     return ap
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata as md
 import subprocess
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -87,6 +88,7 @@ def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResu
     two working folders never read each other's cache.
     """
     storage = Path(kwargs["run"]["workdir"], "prefect", "results")
+    t0 = time.perf_counter()
     state = task.with_options(refresh_cache=stage in fresh, result_storage=storage)(**kwargs, return_state=True)
     result = state.result()
     if state.name == "Cached" and _missing(result):
@@ -94,6 +96,8 @@ def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResu
         result = state.result()
     record[result.stage] = {
         "cached": state.name == "Cached",
+        "seconds": time.perf_counter() - t0,
+        "task_run_id": str(state.state_details.task_run_id),
         "mlflow_run_id": result.mlflow_run_id,
         "artifacts": result.artifacts,
         "metrics": result.metrics,
@@ -174,7 +178,7 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
             triaged = _run(
                 triage_and_partition, "triage", fresh_set, stages,
                 pairs=loaded.artifacts["pairs"], verdicts=verdicts, triage=cfg.section("triage"),
-                holdout_fraction=cfg.evaluation.holdout_fraction if cfg.evaluation.enabled and not cfg.evaluation.prompts_path else 0.0,
+                holdout_fraction=cfg.evaluation.holdout_fraction if cfg.evaluation.enabled else 0.0,
                 shard_size=cfg.data.shard_size, policy_path=str(Path(cfg.policy.path).resolve()),
                 policy_sha256=policy.sha256, oracle=oracle, run=run,
             )

@@ -78,18 +78,17 @@ def evaluate_stage(
 ) -> StageResult:
     ctx = context_of(run)
     policy = load_policy(policy_path)
+    holdout = read_triaged(shards, kinds=("holdout",))
+    retain = [t.pair for t in holdout if t.type.value == "retain"]
     if evaluation.get("prompts_path"):
         from trace_core.data import iter_rows
 
         rows = [r for _, r in iter_rows(evaluation["prompts_path"])]
         prompts = [r["prompt"] for r in rows]
         groups = [r.get("group", "all") for r in rows]
-        retain = []
     else:
-        holdout = read_triaged(shards, kinds=("holdout",))
         prompts = [t.pair.prompt for t in holdout]
         groups = [t.type.value for t in holdout]
-        retain = [t.pair for t in holdout if t.type.value == "retain"]
     prompts, groups = prompts[: evaluation["max_prompts"]], groups[: evaluation["max_prompts"]]
     if not prompts:
         raise DataError("evaluation: no held-out prompts (raise evaluation.holdout_fraction or set evaluation.prompts_path)")
@@ -148,10 +147,12 @@ def evaluate_stage(
             tpa = {k: v for k, v in (("before", metrics.get("tpa_before")), ("after", metrics.get("tpa_after"))) if v is not None}
             if tpa:
                 c.log_artifact(run_id, str(plots.bar_chart(tpa, "target policy agreement (%)", "TPA", Path(tmp) / "tpa.png")), "plots")
-        return StageResult(
+        stage_result = StageResult(
             "evaluate",
             {"generations": describe(table_path, len(rows)), "metrics": describe(metrics_path)},
             metrics,
             run_id,
             {"judge": result.judge},
         )
+        stage_result.info["mlflow_seconds"] = c.seconds
+        return stage_result

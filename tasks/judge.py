@@ -86,4 +86,6 @@ def judge_shard(shard: dict, shard_index: int, policy_path: str, policy_sha256: 
         metrics = {f"judge_{k}": v for k, v in stats.items()}
         tracking.log_params(c, run_id, {"oracle": {k: v for k, v in oracle.items() if "template" not in k}, "judge_identity": identity})
         tracking.log_metrics(c, run_id, metrics)
-        return StageResult(stage, {"verdicts": describe(path, len(rows))}, metrics, run_id, {"judge": identity})
+        stage_result = StageResult(stage, {"verdicts": describe(path, len(rows))}, metrics, run_id, {"judge": identity})
+        stage_result.info["mlflow_seconds"] = c.seconds
+        return stage_result

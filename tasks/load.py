@@ -37,10 +37,12 @@ def load_data(data: dict, data_sha256: str, run: dict) -> StageResult:
         tracking.log_params(c, run_id, {"data": data})
         tracking.log_metrics(c, run_id, metrics)
         tracking.log_dataset(c, run_id, "preference_pairs", data["path"], data_sha256, len(result.pairs))
-        return StageResult(
+        stage_result = StageResult(
             "load",
             {"pairs": describe(pairs_path, table.num_rows), "shards": shards},
             metrics,
             run_id,
             {"skipped": dict(result.skipped)},
         )
+        stage_result.info["mlflow_seconds"] = c.seconds
+        return stage_result

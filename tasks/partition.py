@@ -120,4 +120,6 @@ def triage_and_partition(
         metrics.update({f"triage_{k}_fraction": counts[k] / total for k in ("invert", "punish", "retain", "unknown")})
         tracking.log_params(c, run_id, {"triage": triage, "holdout_fraction": holdout_fraction})
         tracking.log_metrics(c, run_id, metrics)
-        return StageResult("triage", artifacts, metrics, run_id, {"counts": counts})
+        stage_result = StageResult("triage", artifacts, metrics, run_id, {"counts": counts})
+        stage_result.info["mlflow_seconds"] = c.seconds
+        return stage_result

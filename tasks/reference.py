@@ -152,4 +152,6 @@ def reference_stage(
         tracking.log_metrics(c, run_id, metrics)
         c.log_artifact(run_id, str(weights_path), "reference")
         c.log_artifact(run_id, str(gold_path), "reference")
-        return StageResult("reference", artifacts, metrics, run_id)
+        stage_result = StageResult("reference", artifacts, metrics, run_id)
+        stage_result.info["mlflow_seconds"] = c.seconds
+        return stage_result

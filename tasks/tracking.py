@@ -84,10 +84,32 @@ def log_history(c, run_id: str, history: list[dict], prefix: str = "train/") -> 
         c.log_batch(run_id, metrics=items[start : start + 500])
 
 
+class TimedClient:
+    """An MlflowClient that adds up the seconds spent in its calls (the stage's MLflow overhead)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.seconds = 0.0
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
 @contextmanager
 def stage_run(uri: str, experiment: str, workdir: str | Path, parent_run_id: str | None, stage: str, tags=None) -> Iterator[tuple[Any, str]]:
     """A child run for one stage; FINISHED on success, FAILED on an exception."""
-    c = client(uri)
+    c = TimedClient(client(uri))
     run_tags = {"mlflow.runName": stage, "stage": stage, **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id

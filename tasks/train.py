@@ -93,4 +93,6 @@ def train_stage(
         if registered_model_name:
             version = tracking.register_model(c, registered_model_name, run_id, "model", {"policy_sha256": policy_sha256})
         artifacts = {name: describe(p) for name, p in paths.items()}
-        return StageResult("train", artifacts, metrics, run_id, {"registered_version": version, "output_dir": str(final)})
+        stage_result = StageResult("train", artifacts, metrics, run_id, {"registered_version": version, "output_dir": str(final)})
+        stage_result.info["mlflow_seconds"] = c.seconds
+        return stage_result
