@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from trace_core.data import canonical_json, text_sha256
 from trace_core.errors import ConfigError
 from trace_core.policy import Policy
 
@@ -82,18 +83,13 @@ class JudgeItem:
     annotations: dict[str, Any] | None = None
 
 
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, no spaces, UTF-8 kept) so equal objects hash equal."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def prompt_sha256(prompt: str | list[dict[str, Any]]) -> str:
     """sha256 of a prompt string, or of the canonical JSON of a chat message list."""
-    return sha256_text(prompt if isinstance(prompt, str) else canonical_json(prompt))
+    return text_sha256(prompt)
 
 
 def prompt_text(prompt: str | list[dict[str, Any]]) -> str:
