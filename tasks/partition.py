@@ -8,7 +8,6 @@ the oracle writes a correction for every PUNISH pair (cached like verdicts).
 
 from __future__ import annotations
 
-import hashlib
 
 import pyarrow as pa
 from prefect import task
@@ -19,7 +18,7 @@ from tasks.common import Bar, StageResult, context_of, stage_cache_key
 from trace_core.data import PAIR_COLUMNS, pairs_to_table, table_to_pairs
 from trace_core.oracle import JudgeItem, VerdictCache, correct_with_cache, make_judge
 from trace_core.policy import load_policy
-from trace_core.triage import TriagedPair, TriageType, triage_counts, triage_pairs
+from trace_core.triage import TriagedPair, TriageType, is_holdout, triage_counts, triage_pairs
 
 SHARD_EXTRA = [
     ("triage", pa.string()),
@@ -27,14 +26,6 @@ SHARD_EXTRA = [
     ("rejected_compliant", pa.bool_()),
     ("correction", pa.string()),
 ]
-
-
-def is_holdout(pair_id: str, fraction: float) -> bool:
-    """Stable membership of the evaluation split: a hash of the pair id below ``fraction``."""
-    if fraction <= 0:
-        return False
-    bucket = int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return bucket < fraction
 
 
 def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:

@@ -12,6 +12,7 @@ settles it: ``c_w = 1`` means RETAIN whatever ``c_l`` is.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
@@ -80,3 +81,11 @@ def triage_pairs(
         TriagedPair(p, t, c, r, corr)
         for p, t, c, r, corr in zip(pairs, types, chosen_compliant, rejected_compliant, corrections)
     ]
+
+
+def is_holdout(pair_id: str, fraction: float) -> bool:
+    """Stable membership of the evaluation split: a hash of the pair id below ``fraction``."""
+    if fraction <= 0:
+        return False
+    bucket = int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
