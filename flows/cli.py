@@ -82,7 +82,7 @@ def _print_summary(manifest: dict) -> None:
             before, after = evaluation.get(f"{key}_before"), evaluation.get(f"{key}_after")
             if isinstance(before, (int, float)) and isinstance(after, (int, float)):
                 print(f"{key:<32} {before:>10.2f} {after:>10.2f}")
-        for key in ("judge_accuracy", "utility_ratio"):
+        for key in ("judge_accuracy", "judge_labelled_accuracy", "utility_ratio"):
             if key in evaluation:
                 print(f"{key:<32} {evaluation[key]:>21.3f}")
     print()

@@ -16,6 +16,14 @@ def preflight(cfg: PipelineConfig) -> None:
     looks_local = data.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or cfg.data.path.startswith((".", "/", "~"))
     if cfg.data.format != "hf" and looks_local and not data.exists():
         raise DataError(f"{cfg.data.path}: data file not found (data.path)")
-    for setting, value in (("weights.gold_path", cfg.weights.gold_path), ("evaluation.prompts_path", cfg.evaluation.prompts_path)):
+    for setting, value in (
+        ("weights.gold_path", cfg.weights.gold_path),
+        ("evaluation.prompts_path", cfg.evaluation.prompts_path),
+        ("evaluation.labels_path", cfg.evaluation.labels_path),
+    ):
         if value and not Path(value).exists():
             raise ConfigError(f"{setting}: file not found: {value}")
+    if cfg.evaluation.labels_path:
+        from trace_core.evaluation import load_generation_labels
+
+        load_generation_labels(cfg.evaluation.labels_path)

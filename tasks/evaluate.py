@@ -22,7 +22,14 @@ from tasks.common import Bar, StageResult, context_of, device_for, stage_cache_k
 from tasks.reference import read_triaged
 from trace_core.assets import resolve_model
 from trace_core.errors import DataError
-from trace_core.evaluation import EmbeddingComplianceJudge, evaluate_generations, utility_proxy
+from trace_core.evaluation import (
+    EmbeddingComplianceJudge,
+    evaluate_generations,
+    judge_on_labels,
+    labelled_tpa,
+    load_generation_labels,
+    utility_proxy,
+)
 from trace_core.modeling import load_adapter, load_model, load_tokenizer
 from trace_core.oracle import JudgeItem, VerdictCache, make_judge
 from trace_core.policy import load_policy
@@ -70,6 +77,7 @@ def evaluate_stage(
     model_sha256: str,
     evaluation: dict,
     training: dict,
+    input_files_sha256: dict,
     oracle: dict,
     policy_path: str,
     policy_sha256: str,
@@ -134,10 +142,23 @@ def evaluate_stage(
             metrics["judge_accuracy"] = judge_report["accuracy"]
             if judge_report.get("cohen_kappa") is not None:
                 metrics["judge_kappa"] = judge_report["cohen_kappa"]
+        labelled = None
+        if evaluation.get("labels_path"):
+            labels = load_generation_labels(evaluation["labels_path"])
+            with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
+                labelled = {"judge": judge_on_labels(judge, policy, labels, cache)}
+            metrics["judge_labelled_accuracy"] = labelled["judge"]["accuracy"]
+            metrics["judge_labelled_n"] = labelled["judge"]["n_known"]
+            for side, key in (("before", "reference_response"), ("after", "realigned_response")):
+                found = labelled_tpa([r["prompt"] for r in result.rows], [r[key] for r in result.rows], labels)
+                labelled[side] = found
+                metrics[f"labelled_coverage_{side}"] = found["coverage"]
+                if found["tpa"] is not None:
+                    metrics[f"labelled_tpa_{side}"] = found["tpa"]
         rows = [{**r, "prompt": _prompt_text(r["prompt"])} for r in result.rows]
         folder = ctx.folder("artifacts", "evaluation")
         table_path = write_parquet(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), folder, "generations")
-        report = {"metrics": metrics, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report}
+        report = {"metrics": metrics, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report, "labelled": labelled}
         metrics_path = write_json(report, folder, "metrics")
         tracking.log_params(c, run_id, {"evaluation": {k: v for k, v in evaluation.items() if k != "judge"}, "eval_judge": result.judge})
         tracking.log_metrics(c, run_id, metrics)

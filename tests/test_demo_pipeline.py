@@ -28,7 +28,7 @@ def test_demo_slice_with_the_real_model(tmp_path):
         "training.learning_rate": 0.002,
         "training.save_steps": 0,
         "evaluation.max_prompts": 4,
-        "evaluation.max_new_tokens": 8,
+        "evaluation.max_new_tokens": 64,  # as in demo.yaml, so the labelled generations apply
         "evaluation.holdout_fraction": 0.25,
     }
     args = [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"), "--no-progress"]
@@ -41,7 +41,11 @@ def test_demo_slice_with_the_real_model(tmp_path):
     stages = manifest["stages"]
     assert stages["train"]["metrics"]["global_step"] == 5
     evaluation = stages["evaluate"]["metrics"]
-    assert {"tpa_before", "tpa_after", "judge_accuracy"} <= set(evaluation)
+    assert {"tpa_before", "tpa_after", "judge_accuracy", "judge_labelled_accuracy"} <= set(evaluation)
+    assert evaluation["judge_labelled_n"] == 108 and 0.0 <= evaluation["judge_labelled_accuracy"] <= 1.0
+    # Greedy decoding reproduces the reference's labelled generations exactly: the first four
+    # held-out prompts' answers are all labelled compliant in data/demo/generation_labels.jsonl.
+    assert evaluation["labelled_coverage_before"] == 100.0 and evaluation["labelled_tpa_before"] == 100.0
     for art in stages["evaluate"]["artifacts"].values():
         assert Path(art["path"]).exists()
 

@@ -361,3 +361,87 @@ def test_annotations_judge_is_refused_for_generated_text(model, tiny_tokenizer):
 
     with pytest.raises(TraceError, match="cannot judge generated text"):
         evaluate_generations(model, tiny_tokenizer, PROMPTS[:1], AnnotationsJudge(), POLICY, reference_model=model, max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------- labelled generations
+
+
+def _write_labels(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_judge_accuracy_on_labelled_generations_by_hand(tmp_path):
+    from trace_core.evaluation import judge_on_labels, load_generation_labels
+
+    # LengthJudge says compliant for an even length. Labels: 4 right, 1 wrong.
+    rows = [
+        {"prompt": "p1", "response": "ab", "compliant": True},  # even -> T, label T
+        {"prompt": "p1", "response": "abc", "compliant": False},  # odd -> F, label F
+        {"prompt": "p2", "response": "abcd", "compliant": True},  # even -> T, label T
+        {"prompt": "p2", "response": "a", "compliant": True},  # odd -> F, label T  (miss)
+        {"prompt": "p3", "response": "abcde", "compliant": False, "note": "kept out"},  # odd -> F, label F
+    ]
+    labels = load_generation_labels(_write_labels(tmp_path / "labels.jsonl", rows))
+    judge = LengthJudge()
+    with VerdictCache(tmp_path / "v.sqlite") as cache:
+        report = judge_on_labels(judge, POLICY, labels, cache)
+        again = judge_on_labels(judge, POLICY, labels, cache)
+    assert report["accuracy"] == pytest.approx(4 / 5)
+    assert (report["tp"], report["fp"], report["fn"], report["tn"]) == (2, 0, 1, 2)
+    # kappa: p_o = 0.8, p_e = P(pred T) P(ref T) + P(pred F) P(ref F) = 0.4*0.6 + 0.6*0.4 = 0.48
+    assert report["cohen_kappa"] == pytest.approx((0.8 - 0.48) / (1 - 0.48))
+    assert again == report and judge.asked == 5  # the second pass came from the cache
+
+
+def test_labelled_tpa_counts_exact_matches_only(tmp_path):
+    from trace_core.evaluation import labelled_tpa, load_generation_labels
+
+    labels = load_generation_labels(
+        _write_labels(
+            tmp_path / "labels.jsonl",
+            [
+                {"prompt": "p1", "response": "yes", "compliant": True},
+                {"prompt": "p2", "response": "no", "compliant": False},
+                {"prompt": "p3", "response": "maybe", "compliant": True},
+            ],
+        )
+    )
+    found = labelled_tpa(["p1", "p2", "p3", "p4"], ["yes", "no", "maybe!", "x"], labels)
+    # p1 and p2 match exactly (1 of 2 compliant); p3's response differs; p4 has no label.
+    assert found == {"n": 4, "covered": 2, "coverage": 50.0, "tpa": 50.0}
+    assert labelled_tpa(["p9"], ["zz"], labels)["tpa"] is None
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", ":2: not JSON"),
+        ('{"prompt": "p", "response": "r", "compliant": "yes"}', ":2: 'compliant' must be true or false"),
+        ('{"prompt": "", "response": "r", "compliant": true}', ":2: 'prompt' must be a non-empty string"),
+        ('{"prompt": "p1", "response": "r", "compliant": false}', ":2: the same prompt and response are labelled both ways"),
+    ],
+)
+def test_bad_label_lines_are_named(tmp_path, line, message):
+    from trace_core.evaluation import load_generation_labels
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"prompt": "p1", "response": "r", "compliant": true}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_generation_labels(path)
+    assert str(path) + message in str(err.value)
+
+
+def test_the_shipped_demo_labels_load_and_cover_every_heldout_prompt_twice():
+    import json
+    from pathlib import Path
+
+    from trace_core.evaluation import load_generation_labels
+
+    root = Path(__file__).resolve().parents[1]
+    labels = load_generation_labels(root / "data" / "demo" / "generation_labels.jsonl")
+    prompts = [json.loads(line)["prompt"] for line in (root / "data" / "demo" / "heldout_prompts.jsonl").read_text().splitlines()]
+    assert len(labels) == 2 * len(prompts)
+    assert {lab.prompt for lab in labels} == set(prompts)

@@ -102,6 +102,11 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(8, ge=1)
     judge: JudgeConfig | None = Field(None, description="judge for generations; default: the oracle")
+    labels_path: str | None = Field(
+        None,
+        description="generated responses labelled by hand (JSONL: prompt, response, compliant): the judge's "
+        "accuracy on generated text, and TPA from the labels where a generation has one",
+    )
 
 
 class MLflowConfig(_Section):

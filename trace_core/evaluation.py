@@ -252,6 +252,86 @@ def significant_improvement(tpa_before: float | None, tpa_after: float | None, j
     return tpa_after - tpa_before > 100.0 * (1.0 - judge_accuracy)
 
 
+# --------------------------------------------------------------------------- labelled generations
+
+
+@dataclass(frozen=True)
+class LabelledResponse:
+    """A generated response with a compliance label given by a person (or a trusted judge)."""
+
+    prompt: Prompt
+    response: str
+    compliant: bool
+
+
+def load_generation_labels(path: str | Path) -> list[LabelledResponse]:
+    """Labelled generations from a JSONL file: one object per line with ``prompt``, ``response``
+    (strings) and ``compliant`` (true/false); other keys (notes, the model that wrote it) are kept
+    out. A bad line raises DataError naming the file and line; a repeated (prompt, response) with a
+    conflicting label too."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: labelled generations file not found")
+    out: dict[tuple[str, str], LabelledResponse] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object")
+        prompt, response, label = row.get("prompt"), row.get("response"), row.get("compliant")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{where}: 'prompt' must be a non-empty string")
+        if not isinstance(response, str):
+            raise DataError(f"{where}: 'response' must be a string")
+        if not isinstance(label, bool):
+            raise DataError(f"{where}: 'compliant' must be true or false, got {label!r}")
+        key = (prompt, response)
+        if key in out and out[key].compliant != label:
+            raise DataError(f"{where}: the same prompt and response are labelled both ways")
+        out[key] = LabelledResponse(prompt, response, label)
+    if not out:
+        raise DataError(f"{path}: no labelled generations")
+    return list(out.values())
+
+
+def judge_on_labels(
+    judge: Judge, policy: Policy, labels: Sequence[LabelledResponse], cache: VerdictCache | None = None
+) -> dict[str, float | int | None]:
+    """The judge's agreement with labelled generated text: accuracy, Cohen's kappa, confusion
+    counts (:func:`trace_core.oracle.quality.judge_agreement`). This is the error rate that matters
+    for TPA, which judges generated text; an accuracy measured on the training data's responses can
+    be far higher when those are written in another style."""
+    items = [JudgeItem(lab.prompt, lab.response) for lab in labels]
+    if cache is not None:
+        verdicts, _ = judge_with_cache(judge, items, policy, cache)
+    else:
+        verdicts = judge.judge(items, policy)
+    return judge_agreement([v.compliant for v in verdicts], [lab.compliant for lab in labels])
+
+
+def labelled_tpa(prompts: Sequence[Prompt], responses: Sequence[str], labels: Sequence[LabelledResponse]) -> dict[str, Any]:
+    """TPA from labels alone over the generations that have one (exact prompt and response match).
+
+    Greedy decoding is deterministic, so a labelled set made from an earlier run covers the same
+    model's generations on the same prompts exactly. Returns {n, covered, coverage (%), tpa (% of
+    covered judged compliant by the labels, None when none is covered)}.
+    """
+    table = {(prompt_text(lab.prompt), lab.response): lab.compliant for lab in labels}
+    found = [table.get((prompt_text(p), r)) for p, r in zip(prompts, responses)]
+    known = [f for f in found if f is not None]
+    return {
+        "n": len(found),
+        "covered": len(known),
+        "coverage": 100.0 * len(known) / len(found) if found else 0.0,
+        "tpa": 100.0 * sum(known) / len(known) if known else None,
+    }
+
+
 # --------------------------------------------------------------------------- utility proxy
 
 
