@@ -42,7 +42,8 @@ def test_demo_slice_with_the_real_model(tmp_path):
     assert stages["train"]["metrics"]["global_step"] == 5
     evaluation = stages["evaluate"]["metrics"]
     assert {"tpa_before", "tpa_after", "judge_accuracy", "judge_labelled_accuracy"} <= set(evaluation)
-    assert evaluation["judge_labelled_n"] == 108 and 0.0 <= evaluation["judge_labelled_accuracy"] <= 1.0
+    n_labels = len((ROOT / "data" / "demo" / "generation_labels.jsonl").read_text().splitlines())
+    assert evaluation["judge_labelled_n"] == n_labels and 0.0 <= evaluation["judge_labelled_accuracy"] <= 1.0
     # Greedy decoding reproduces the reference's labelled generations exactly: the first four
     # held-out prompts' answers are all labelled compliant in data/demo/generation_labels.jsonl.
     assert evaluation["labelled_coverage_before"] == 100.0 and evaluation["labelled_tpa_before"] == 100.0
