@@ -106,7 +106,6 @@ def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResu
     return result
 
 
-@flow(name="realign", log_prints=True)
 def _evaluation_inputs(cfg) -> dict[str, str]:
     """Content hashes of the files the evaluation reads, so editing one reruns the stage."""
     from tasks.artifacts import file_sha256
@@ -115,6 +114,7 @@ def _evaluation_inputs(cfg) -> dict[str, str]:
     return {k: file_sha256(v) for k, v in files.items() if v}
 
 
+@flow(name="realign", log_prints=True)
 def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = None, progress: bool = True) -> dict:
     """Realign the model of ``config`` to its new policy; returns the run manifest."""
     cfg = PipelineConfig.model_validate(config)
@@ -212,7 +212,8 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
                 evaluate_stage, "evaluate", fresh_set, stages,
                 shards=triaged.artifacts, trained=trained.artifacts, model=cfg.section("model"),
                 model_sha256=model_sha, evaluation=cfg.section("evaluation"), training=training,
-                input_files_sha256=_evaluation_inputs(cfg), oracle=oracle, policy_path=str(Path(cfg.policy.path).resolve()), policy_sha256=policy.sha256,
+                input_files_sha256=_evaluation_inputs(cfg), oracle=oracle,
+                policy_path=str(Path(cfg.policy.path).resolve()), policy_sha256=policy.sha256,
                 seed=cfg.run.seed, run=run,
             )
         status = "FINISHED"
