@@ -98,6 +98,10 @@ def cmd_run(args) -> int:
     from flows.preflight import preflight
 
     preflight(cfg)
+    from trace_core.assets import KNOWN_MODELS, is_prepared
+
+    if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
+        print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", file=sys.stderr)
     _quiet_libraries()
     from flows.realign import realign
 
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
     run.set_defaults(func=cmd_run)
-    prep = sub.add_parser("prepare-model", help="convert a packaged model (smollm2-135m-instruct, tiny-random) once")
+    prep = sub.add_parser("prepare-model", help="prepare a known model once (smollm2-135m-instruct, smollm2-135m-instruct-old-policy, tiny-random)")
     prep.add_argument("name")
     prep.add_argument("--cache-dir", default=None)
     prep.set_defaults(func=cmd_prepare_model)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trace_core.alignment import DpoSettings, dpo_align  # noqa: E402
+from trace_core.alignment import DpoSettings, dpo_align, sft_align  # noqa: E402
 from trace_core.data import load_pairs  # noqa: E402
 from trace_core.evaluation import generate, utility_proxy  # noqa: E402
 from trace_core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
@@ -144,10 +144,12 @@ def sweep(args):
             report["old"][old_name] = {"generations": report["base_generations"], "final": {}}
             continue
         cfg = grid["old"][old_name]
+        cfg = dict(cfg)
+        align = sft_align if cfg.pop("method", "dpo") == "sft" else dpo_align
         settings = DpoSettings(**{**cfg, "lora_target_modules": tuple(cfg.get("lora_target_modules", DpoSettings.lora_target_modules))})
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            old, res = dpo_align(copy.deepcopy(base), tokenizer, pairs, settings, tmp)
+            old, res = align(copy.deepcopy(base), tokenizer, pairs, settings, tmp)
         t1 = time.perf_counter()
         gens = generate(old, tokenizer, prompts, **gen_kwargs)
         report["old"][old_name] = {
@@ -158,6 +160,7 @@ def sweep(args):
             "seconds": {"train": t1 - t0, "generate": time.perf_counter() - t1},
         }
         olds[old_name] = old
+        (out / "sweep.json").write_text(json.dumps(report, indent=1))
         print(f"old {old_name}: {res.global_step} steps {t1 - t0:.1f}s final {res.final}", flush=True)
     for old_name, trace_name in grid["runs"]:
         if trace_name is None:  # the old alignment alone

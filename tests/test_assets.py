@@ -212,3 +212,46 @@ def test_smollm2_resolve_uses_prepared_folder(smollm2_cache):
     started = time.perf_counter()
     assert resolve_model(SMOLLM2, cache) == folder
     assert time.perf_counter() - started < 1.0
+
+
+# --- a model aligned on a preference file -------------------------------------------------------
+
+
+def test_aligned_model_is_fine_tuned_once_and_rebuilt_when_its_recipe_changes(monkeypatch, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trace_core.assets import AlignedSource, KnownModel
+
+    name = "tiny-old-policy"
+    source = AlignedSource(
+        base="tiny-random",
+        data="data/smoke/pairs.jsonl",
+        settings=(("learning_rate", 5e-3), ("max_length", 64), ("max_steps", 3), ("warmup_steps", 0)),
+    )
+    monkeypatch.setitem(KNOWN_MODELS, name, KnownModel(name, "test", source))
+    folder = prepare_model(name, tmp_path)
+    marker = read_marker(folder)
+    assert marker["fingerprint"] == KNOWN_MODELS[name].fingerprint and marker["training"]["steps"] == 3
+    assert marker["source"]["method"] == "sft" and _leftovers(tmp_path) == []
+    # A plain transformers folder whose weights differ from the base model's.
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-random")
+    tuned = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert (tuned(ids).logits - base(ids).logits).abs().max().item() > 1e-4
+    # Done means done: the second call trains nothing.
+    stamp = (folder / "prepared.json").stat().st_mtime_ns
+    assert prepare_model(name, tmp_path) == folder and (folder / "prepared.json").stat().st_mtime_ns == stamp
+    # Another recipe is another model: the fingerprint changes and the folder is rebuilt.
+    _with_source(monkeypatch, name, settings=(("learning_rate", 5e-3), ("max_length", 64), ("max_steps", 2), ("warmup_steps", 0)))
+    assert read_marker(prepare_model(name, tmp_path))["training"]["steps"] == 2
+
+
+def test_aligned_model_names_a_missing_preference_file(monkeypatch, tmp_path):
+    from trace_core.assets import AlignedSource, KnownModel
+
+    source = AlignedSource(base="tiny-random", data="data/nowhere.jsonl", settings=())
+    monkeypatch.setitem(KNOWN_MODELS, "gone", KnownModel("gone", "test", source))
+    with pytest.raises(TraceError, match="data/nowhere.jsonl: the preference file gone is made from is missing"):
+        prepare_model("gone", tmp_path)

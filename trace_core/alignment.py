@@ -128,3 +128,71 @@ def dpo_align(
     merged = peft_model.merge_and_unload()
     merged.eval()
     return merged, DpoResult(result.global_step, len(pairs), result.log_history, final)
+
+
+class _SftCollator:
+    """Right-padded (prompt, response) sequences with labels on the response tokens only."""
+
+    def __init__(self, sequences, pad_token_id: int):
+        self.sequences = sequences
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items):
+        from trace_core.tokenization import pad_sequences
+
+        batch = pad_sequences([self.sequences[it["index"]] for it in items], self.pad_token_id)
+        labels = batch.input_ids.masked_fill(batch.response_mask == 0, -100)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
+
+
+def sft_align(
+    model,
+    tokenizer,
+    pairs: Sequence[PreferencePair],
+    settings: DpoSettings,
+    work_dir: str | Path,
+):
+    """Supervised fine-tuning on the chosen responses (LoRA, merged): the cheaper way to make a
+    model follow the policy that chose them (one sequence per pair, no reference pass).
+    Returns (merged model, result); ``settings.beta`` is unused."""
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    if not pairs:
+        raise TraceError("sft: no preference pairs")
+    encoder = Encoder(tokenizer, max_length=settings.max_length)
+    sequences = [encoder.sequence(p.prompt, p.chosen) for p in pairs]
+
+    class _Index(Dataset):
+        def __len__(self):
+            return len(sequences)
+
+        def __getitem__(self, i):
+            return {"index": i}
+
+    lora = LoraSettings(settings.lora_r, settings.lora_alpha, settings.lora_dropout, list(settings.lora_target_modules))
+    peft_model = add_lora(model, lora, seed=settings.seed)
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_steps,
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps,
+        logging_steps=1,
+        save_strategy="no",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=_Index(), data_collator=_SftCollator(sequences, tokenizer.pad_token_id))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    final = {k: v for k, v in (logged[-1] if logged else {}).items() if isinstance(v, (int, float))}
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    return merged, DpoResult(trainer.state.global_step, len(pairs), list(trainer.state.log_history), final)

