@@ -19,6 +19,9 @@ def test_demo_slice_with_the_real_model(tmp_path):
     work = tmp_path / "demo"
     overrides = {
         "run.workdir": str(work),
+        # The packaged model itself (demo.yaml starts from its old-policy fine-tune, which takes
+        # minutes to make): the slice checks the pipeline on the real model.
+        "model.path": "smollm2-135m-instruct",
         "data.limit": 24,
         "data.shard_size": 12,
         "weights.gold_size": 6,
