@@ -9,6 +9,7 @@ changes every run and does not change what the stage computes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -43,11 +44,32 @@ def context_of(run: dict | RunContext) -> RunContext:
     return run if isinstance(run, RunContext) else RunContext(**run)
 
 
+def tree_sha256(roots) -> str:
+    """sha256 over the relative paths and bytes of every ``*.py`` file under ``roots``."""
+    digest = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 over the source of ``trace_core`` and ``tasks``: what a stage's result depends on
+    besides its parameters. A change to a helper or to the library recomputes the stages (judge
+    verdicts stay in the verdict cache, so no question is paid for twice)."""
+    import trace_core
+
+    return tree_sha256([Path(trace_core.__file__).parent, Path(__file__).parent])
+
+
 def stage_cache_key(context, parameters: dict[str, Any]) -> str:
-    """sha256 of the task's name and source and its parameters without the run context."""
+    """sha256 of the task's name and source, the code it runs, and its parameters without the run context."""
     keyed = {k: v for k, v in parameters.items() if k != "run"}
     source = inspect.getsource(context.task.fn)
-    payload = json.dumps([context.task.name, source, keyed], sort_keys=True, default=str)
+    payload = json.dumps([context.task.name, source, code_fingerprint(), keyed], sort_keys=True, default=str)
     return context.task.name + "-" + hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -24,6 +24,7 @@ from trace_core.assets import resolve_model
 from trace_core.errors import DataError
 from trace_core.evaluation import (
     EmbeddingComplianceJudge,
+    RefusalAwareJudge,
     evaluate_generations,
     judge_on_labels,
     labelled_tpa,
@@ -55,16 +56,23 @@ def _prompt_text(prompt):
 
 
 def embedding_judge(train_triaged, policy, seed: int):
-    """The local judge, fitted on the training split's verdict-labelled responses."""
+    """The local judge, fitted on the training split's verdict-labelled responses.
+
+    With ``refusal`` annotations on the responses (both kinds present), the refusal-aware judge;
+    otherwise one classifier over prompt-response embeddings.
+    """
     items, labels = [], []
     for t in train_triaged:
-        for response, label in ((t.pair.chosen, t.chosen_compliant), (t.pair.rejected, t.rejected_compliant)):
+        pairs = ((t.pair.chosen, t.chosen_compliant, t.pair.chosen_annotations), (t.pair.rejected, t.rejected_compliant, t.pair.rejected_annotations))
+        for response, label, ann in pairs:
             if label is not None:
-                items.append(JudgeItem(t.pair.prompt, response))
+                refusal = (ann or {}).get("refusal")
+                items.append(JudgeItem(t.pair.prompt, response, {"refusal": refusal} if isinstance(refusal, bool) else None))
                 labels.append(label)
     if len(set(labels)) < 2:
         raise DataError("evaluation: the training split's verdicts have one class only; the embedding judge cannot learn")
-    judge = EmbeddingComplianceJudge()
+    flags = {(it.annotations or {}).get("refusal") for it in items}
+    judge = RefusalAwareJudge() if {True, False} <= flags else EmbeddingComplianceJudge()
     report = judge.fit_with_holdout(items, labels, policy, seed=seed)
     return judge, report
 
