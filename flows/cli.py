@@ -101,7 +101,7 @@ def cmd_run(args) -> int:
     from trace_core.assets import KNOWN_MODELS, is_prepared
 
     if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
-        print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", file=sys.stderr)
+        print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", flush=True)
     _quiet_libraries()
     from flows.realign import realign
 
