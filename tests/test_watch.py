@@ -273,9 +273,11 @@ def stop_watch(proc: subprocess.Popen, log: Path) -> int:
     """Ctrl-C (SIGINT to watch only, as a terminal would with the server in its own group)."""
     os.kill(proc.pid, signal.SIGINT)
     try:
-        return proc.wait(timeout=45)
+        # Alone, watch stops in seconds; late in the full suite on 2 cores Prefect's serve() took
+        # over 45 s to wind down twice (it did stop, exit 0). The bound is generous on purpose.
+        return proc.wait(timeout=150)
     except subprocess.TimeoutExpired:
-        pytest.fail("watch did not stop within 45 s of SIGINT:\n" + log.read_text()[-2000:])
+        pytest.fail("watch did not stop within 150 s of SIGINT:\n" + log.read_text()[-2000:])
 
 
 class Server:
