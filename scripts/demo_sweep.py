@@ -31,7 +31,7 @@ from trace_core.alignment import DpoSettings, dpo_align, sft_align  # noqa: E402
 from trace_core.data import load_pairs  # noqa: E402
 from trace_core.evaluation import generate, utility_proxy  # noqa: E402
 from trace_core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
-from trace_core.oracle import JudgeItem, make_judge  # noqa: E402
+from trace_core.oracle import JudgeItem, judge_items, make_judge  # noqa: E402
 from trace_core.policy import load_policy  # noqa: E402
 from trace_core.reference import ReferenceSettings, run_reference_stage  # noqa: E402
 from trace_core.tokenization import Encoder  # noqa: E402
@@ -59,11 +59,7 @@ TRACE_DEFAULTS = {
 
 def triaged_split(pairs, policy, holdout_fraction=0.1):
     judge = make_judge({"backend": "annotations"})
-    items = []
-    for p in pairs:
-        tags = {"prompt_tags": p.metadata.get("prompt_tags", [])}
-        items.append(JudgeItem(p.prompt, p.chosen, {**(p.chosen_annotations or {}), **tags}))
-        items.append(JudgeItem(p.prompt, p.rejected, {**(p.rejected_annotations or {}), **tags}))
+    items = judge_items(pairs)
     verdicts = judge.judge(items, policy)
     triaged = triage_pairs(pairs, [v.compliant for v in verdicts[0::2]], [v.compliant for v in verdicts[1::2]])
     train_split = [t for t in triaged if not is_holdout(t.pair.pair_id, holdout_fraction)]
@@ -71,7 +67,7 @@ def triaged_split(pairs, policy, holdout_fraction=0.1):
     return train_split, holdout
 
 
-def run_trace(old_model, tokenizer, train_split, holdout, prompts, cfg, device, gen_kwargs, work):
+def run_trace(old_model, tokenizer, train_split, holdout, prompts, cfg, gen_kwargs, work):
     s = {**TRACE_DEFAULTS, **cfg}
     model = add_lora(
         copy.deepcopy(old_model),
@@ -166,7 +162,7 @@ def sweep(args):
         if trace_name is None:  # the old alignment alone
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            r = run_trace(olds[old_name], tokenizer, train_split, holdout, prompts, grid["trace"][trace_name], args.device, gen_kwargs, tmp)
+            r = run_trace(olds[old_name], tokenizer, train_split, holdout, prompts, grid["trace"][trace_name], gen_kwargs, tmp)
         r.update({"old": old_name, "trace": trace_name})
         report["runs"].append(r)
         print(f"run {old_name}/{trace_name}: {r['steps']} steps utility {r['utility']['perplexity_ratio']:.3f} {r['seconds']}", flush=True)

@@ -137,6 +137,8 @@ def evaluate_stage(
             )
             gen_bar.close()
             judge_bar.close()
+            labels = load_generation_labels(evaluation["labels_path"]) if evaluation.get("labels_path") else None
+            label_agreement = judge_on_labels(judge, policy, labels, cache) if labels else None
         metrics = dict(result.metrics)
         if retain:
             utility = utility_proxy(
@@ -151,10 +153,8 @@ def evaluate_stage(
             if judge_report.get("cohen_kappa") is not None:
                 metrics["judge_kappa"] = judge_report["cohen_kappa"]
         labelled = None
-        if evaluation.get("labels_path"):
-            labels = load_generation_labels(evaluation["labels_path"])
-            with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
-                labelled = {"judge": judge_on_labels(judge, policy, labels, cache)}
+        if labels:
+            labelled = {"judge": label_agreement}
             metrics["judge_labelled_accuracy"] = labelled["judge"]["accuracy"]
             metrics["judge_labelled_n"] = labelled["judge"]["n_known"]
             for side, key in (("before", "reference_response"), ("after", "realigned_response")):

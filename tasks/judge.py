@@ -13,7 +13,7 @@ from tasks import tracking
 from tasks.artifacts import describe, read_parquet, write_parquet
 from tasks.common import Bar, StageResult, context_of, stage_cache_key
 from trace_core.data import table_to_pairs
-from trace_core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge
+from trace_core.oracle import VerdictCache, judge_items, judge_with_cache, make_judge
 from trace_core.policy import load_policy
 
 VERDICT_SCHEMA = pa.schema(
@@ -31,24 +31,6 @@ VERDICT_SCHEMA = pa.schema(
         ("policy_sha256", pa.string()),
     ]
 )
-
-
-def _annotations(response_ann, metadata):
-    if response_ann is None:
-        return None
-    ann = dict(response_ann)
-    if "prompt_tags" in metadata and "prompt_tags" not in ann:
-        ann["prompt_tags"] = metadata["prompt_tags"]
-    return ann
-
-
-def judge_items(pairs):
-    """Two items per pair: (prompt, chosen) then (prompt, rejected)."""
-    items = []
-    for p in pairs:
-        items.append(JudgeItem(p.prompt, p.chosen, _annotations(p.chosen_annotations, p.metadata)))
-        items.append(JudgeItem(p.prompt, p.rejected, _annotations(p.rejected_annotations, p.metadata)))
-    return items
 
 
 @task(name="judge", cache_key_fn=stage_cache_key, persist_result=True, task_run_name="judge-{shard_index}")

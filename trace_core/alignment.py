@@ -24,7 +24,7 @@ from trace_core.impact import reference_logps
 from trace_core.modeling import LoraSettings, add_lora
 from trace_core.objective import Sample, SampleKind
 from trace_core.tokenization import Encoder
-from trace_core.training import TrainSettings, train
+from trace_core.training import TrainSettings, train, training_arguments
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,7 @@ def dpo_align(
     if not pairs:
         raise TraceError("dpo: no preference pairs")
     encoder = Encoder(tokenizer, max_length=settings.max_length)
-    lora = LoraSettings(
-        r=settings.lora_r,
-        alpha=settings.lora_alpha,
-        dropout=settings.lora_dropout,
-        target_modules=list(settings.lora_target_modules),
-    )
-    peft_model = add_lora(model, lora, seed=settings.seed)
+    peft_model = _with_lora(model, settings)
     samples = dpo_samples(pairs, encoder)
     # LoRA B starts at 0, so the adapted model is the reference here: one no-grad pass gives
     # every reference log-prob the loss needs.
@@ -106,7 +100,20 @@ def dpo_align(
 
     ref = reference_logps(peft_model, samples, tokenizer.pad_token_id, settings.batch_size, step)
     samples = [replace(s, weight=1.0 / len(samples), ref_logps=(float(ref[i, 0]), float(ref[i, 1]))) for i, s in enumerate(samples)]
-    train_settings = TrainSettings(
+    train_settings = _train_settings(settings, disable_tqdm=progress is None)
+    result = train(peft_model, tokenizer, samples, train_settings, work_dir)
+    return _merged(peft_model, result.global_step, len(pairs), result.log_history)
+
+
+def _with_lora(model, settings: DpoSettings):
+    """``model`` with a fresh LoRA adapter of ``settings``."""
+    lora = LoraSettings(settings.lora_r, settings.lora_alpha, settings.lora_dropout, list(settings.lora_target_modules))
+    return add_lora(model, lora, seed=settings.seed)
+
+
+def _train_settings(settings: DpoSettings, *, disable_tqdm: bool) -> TrainSettings:
+    """The trainer settings of a plain run: every logged step, no checkpoints, no KL."""
+    return TrainSettings(
         beta=settings.beta,
         alpha_kl=0.0,
         weight_normalization="mean",  # weight 1/N scaled by N: every pair counts 1, as in DPO
@@ -120,14 +127,17 @@ def dpo_align(
         logging_steps=1,
         save_steps=0,
         seed=settings.seed,
-        disable_tqdm=progress is None,
+        disable_tqdm=disable_tqdm,
     )
-    result = train(peft_model, tokenizer, samples, train_settings, work_dir)
-    logged = [h for h in result.log_history if "loss" in h]
+
+
+def _merged(peft_model, global_step: int, n_pairs: int, log_history: list[dict]):
+    """Fold the trained adapter into the weights; (plain model in eval mode, result)."""
+    logged = [h for h in log_history if "loss" in h]
     final = {k: v for k, v in (logged[-1] if logged else {}).items() if isinstance(v, (int, float))}
     merged = peft_model.merge_and_unload()
     merged.eval()
-    return merged, DpoResult(result.global_step, len(pairs), result.log_history, final)
+    return merged, DpoResult(global_step, n_pairs, list(log_history), final)
 
 
 class _SftCollator:
@@ -156,7 +166,7 @@ def sft_align(
     model follow the policy that chose them (one sequence per pair, no reference pass).
     Returns (merged model, result); ``settings.beta`` is unused."""
     from torch.utils.data import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     if not pairs:
         raise TraceError("sft: no preference pairs")
@@ -170,29 +180,8 @@ def sft_align(
         def __getitem__(self, i):
             return {"index": i}
 
-    lora = LoraSettings(settings.lora_r, settings.lora_alpha, settings.lora_dropout, list(settings.lora_target_modules))
-    peft_model = add_lora(model, lora, seed=settings.seed)
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        per_device_train_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_steps,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        logging_steps=1,
-        save_strategy="no",
-        seed=settings.seed,
-        data_seed=settings.seed,
-        remove_unused_columns=False,
-        report_to="none",
-        disable_tqdm=True,
-    )
+    peft_model = _with_lora(model, settings)
+    args = training_arguments(_train_settings(settings, disable_tqdm=True), work_dir)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_Index(), data_collator=_SftCollator(sequences, tokenizer.pad_token_id))
     trainer.train()
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    final = {k: v for k, v in (logged[-1] if logged else {}).items() if isinstance(v, (int, float))}
-    merged = peft_model.merge_and_unload()
-    merged.eval()
-    return merged, DpoResult(trainer.state.global_step, len(pairs), list(trainer.state.log_history), final)
+    return _merged(peft_model, trainer.state.global_step, len(pairs), trainer.state.log_history)

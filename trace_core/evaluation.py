@@ -793,25 +793,23 @@ class EmbeddingComplianceJudge(Judge):
     @property
     def identity(self) -> str:
         """``embedding:all-MiniLM-L6-v2@<package version>:<hash of training data and settings>``."""
-        if not self.fitted:
-            raise TraceError("the embedding judge is not trained: call fit or fit_with_holdout, or load a saved one")
-        h = short_hash(
-            {
-                "data": self.training_hash,
-                "policy": self.policy_sha256,
-                "features": "r,p,p*r",
-                "C": self.C,
-                "class_weight": self.class_weight,
-            }
-        )
+        self._require_fitted()
+        h = short_hash({"data": self.training_hash, "policy": self.policy_sha256, **self._identity_settings()})
         return f"{self.backend}:{EMBEDDING_MODEL}@{_embedding_model_version()}:{h}"
+
+    def _identity_settings(self) -> dict[str, Any]:
+        """What besides the training data and policy shapes this judge's answers."""
+        return {"features": "r,p,p*r", "C": self.C, "class_weight": self.class_weight}
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise TraceError(f"the {self.backend} judge is not trained: call fit or fit_with_holdout, or load a saved one")
 
     def predict_proba(self, items: Sequence[JudgeItem]) -> list[float]:
         """P(compliant) per item."""
         import numpy as np
 
-        if not self.fitted:
-            raise TraceError("the embedding judge is not trained: call fit or fit_with_holdout, or load a saved one")
+        self._require_fitted()
         if not items:
             return []
         x = (self.features(items) - np.asarray(self.mean)) / np.asarray(self.scale)
@@ -986,16 +984,11 @@ class RefusalAwareJudge(EmbeddingComplianceJudge):
         self.held_out = None
         return self
 
-    @property
-    def identity(self) -> str:
-        if not self.fitted:
-            raise TraceError("the refusal-aware judge is not trained: call fit or fit_with_holdout")
-        h = short_hash({"data": self.training_hash, "policy": self.policy_sha256, "probes": "refuses,refusal_ok,bad", "C": self.C})
-        return f"{self.backend}:{EMBEDDING_MODEL}@{_embedding_model_version()}:{h}"
+    def _identity_settings(self) -> dict[str, Any]:
+        return {"probes": "refuses,refusal_ok,bad", "C": self.C}
 
     def predict_proba(self, items: Sequence[JudgeItem]) -> list[float]:
-        if not self.fitted:
-            raise TraceError("the refusal-aware judge is not trained: call fit or fit_with_holdout")
+        self._require_fitted()
         if not items:
             return []
         e_r = self._embed([it.response for it in items])

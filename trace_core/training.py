@@ -207,29 +207,12 @@ def weight_scale(samples: Sequence[Sample], normalization: str) -> float:
     raise TraceError(f"training.weight_normalization: unknown value '{normalization}' (use mean or sum)")
 
 
-def train(
-    model,
-    tokenizer,
-    samples: Sequence[Sample],
-    settings: TrainSettings,
-    output_dir: str | Path,
-    *,
-    ref_model=None,
-    resume_from_checkpoint: str | bool | None = None,
-    callbacks: Sequence = (),
-) -> TrainResult:
-    """Train ``model`` (a LoRA model from the initial adapter, or a full model with ``ref_model``)."""
+def training_arguments(settings: TrainSettings, output_dir: str | Path):
+    """The transformers ``TrainingArguments`` for ``settings`` (shared by every trainer here)."""
     from transformers import TrainingArguments
 
-    if not samples:
-        raise TraceError("training: no samples to train on (every pair was UNKNOWN or filtered out)")
-    if not is_peft(model) and ref_model is None and any(s.kind == SampleKind.RETAIN for s in samples):
-        raise TraceError("training: full fine-tuning needs a frozen reference model for the RETAIN KL")
-    if settings.punish_form not in ("trace", "npo"):
-        raise TraceError(f"training.punish_form: unknown value '{settings.punish_form}' (use trace or npo)")
-    dataset = SampleDataset(samples, weight_scale(samples, settings.weight_normalization))
     save = settings.save_steps and settings.save_steps > 0
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.per_device_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
@@ -255,6 +238,28 @@ def train(
         report_to="none",
         disable_tqdm=settings.disable_tqdm,
     )
+
+
+def train(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    settings: TrainSettings,
+    output_dir: str | Path,
+    *,
+    ref_model=None,
+    resume_from_checkpoint: str | bool | None = None,
+    callbacks: Sequence = (),
+) -> TrainResult:
+    """Train ``model`` (a LoRA model from the initial adapter, or a full model with ``ref_model``)."""
+    if not samples:
+        raise TraceError("training: no samples to train on (every pair was UNKNOWN or filtered out)")
+    if not is_peft(model) and ref_model is None and any(s.kind == SampleKind.RETAIN for s in samples):
+        raise TraceError("training: full fine-tuning needs a frozen reference model for the RETAIN KL")
+    if settings.punish_form not in ("trace", "npo"):
+        raise TraceError(f"training.punish_form: unknown value '{settings.punish_form}' (use trace or npo)")
+    dataset = SampleDataset(samples, weight_scale(samples, settings.weight_normalization))
+    args = training_arguments(settings, output_dir)
     trainer = _trainer_class()(
         model=model,
         args=args,

@@ -11,7 +11,7 @@ Public API:
   (``quality``).
 """
 
-from trace_core.oracle.base import Judge, JudgeItem, Verdict
+from trace_core.oracle.base import Judge, JudgeItem, Verdict, judge_items
 from trace_core.oracle.cache import VerdictCache, correct_with_cache, judge_with_cache
 from trace_core.oracle.config import (
     AnnotationsJudgeConfig,
@@ -34,6 +34,7 @@ __all__ = [
     "VerdictCache",
     "correct_with_cache",
     "judge_agreement",
+    "judge_items",
     "judge_with_cache",
     "make_judge",
     "parse_judge_config",

@@ -303,3 +303,22 @@ class LLMJudge(Judge):
         c = self.config
         h = self.templates.correction_hash(t=c.temperature, max_tokens=c.max_correction_tokens, seed=c.seed)
         return f"{self.backend}:{self.model_name}:{h}"
+
+
+def _pair_annotations(response_ann: dict | None, metadata: dict) -> dict | None:
+    """A response's annotations, with the prompt's ``prompt_tags`` from the pair's metadata."""
+    if response_ann is None:
+        return None
+    ann = dict(response_ann)
+    if "prompt_tags" in metadata and "prompt_tags" not in ann:
+        ann["prompt_tags"] = metadata["prompt_tags"]
+    return ann
+
+
+def judge_items(pairs) -> list[JudgeItem]:
+    """Two items per preference pair: (prompt, chosen) then (prompt, rejected), with annotations."""
+    items = []
+    for p in pairs:
+        items.append(JudgeItem(p.prompt, p.chosen, _pair_annotations(p.chosen_annotations, p.metadata)))
+        items.append(JudgeItem(p.prompt, p.rejected, _pair_annotations(p.rejected_annotations, p.metadata)))
+    return items
