@@ -10,8 +10,9 @@ from trace_core.policy import load_policy
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """The policy parses, the data file exists, the other files the config names exist."""
-    load_policy(cfg.policy.path)
+    """The policy parses, the data file exists, the other files the config names exist, the
+    labelled generations (if any) were labelled under this policy."""
+    policy = load_policy(cfg.policy.path)
     data = Path(cfg.data.path)
     looks_local = data.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or cfg.data.path.startswith((".", "/", "~"))
     if cfg.data.format != "hf" and looks_local and not data.exists():
@@ -26,4 +27,4 @@ def preflight(cfg: PipelineConfig) -> None:
     if cfg.evaluation.labels_path:
         from trace_core.evaluation import load_generation_labels
 
-        load_generation_labels(cfg.evaluation.labels_path)
+        load_generation_labels(cfg.evaluation.labels_path, policy)

@@ -137,7 +137,7 @@ def evaluate_stage(
             )
             gen_bar.close()
             judge_bar.close()
-            labels = load_generation_labels(evaluation["labels_path"]) if evaluation.get("labels_path") else None
+            labels = load_generation_labels(evaluation["labels_path"], policy) if evaluation.get("labels_path") else None
             label_agreement = judge_on_labels(judge, policy, labels, cache) if labels else None
         metrics = dict(result.metrics)
         if retain:

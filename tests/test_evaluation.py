@@ -434,18 +434,42 @@ def test_bad_label_lines_are_named(tmp_path, line, message):
     assert str(path) + message in str(err.value)
 
 
+def test_labels_written_under_another_policy_are_refused(tmp_path):
+    from dataclasses import replace
+
+    from trace_core.evaluation import load_generation_labels
+
+    path = _write_labels(
+        tmp_path / "labels.jsonl",
+        [
+            {"prompt": "p1", "response": "r", "compliant": True, "policy_sha256": POLICY.sha256},
+            {"prompt": "p2", "response": "r", "compliant": False},  # says nothing: accepted
+        ],
+    )
+    assert len(load_generation_labels(path, POLICY)) == 2
+    edited = replace(POLICY, sha256="f" * 64)
+    with pytest.raises(DataError) as err:
+        load_generation_labels(path, edited)
+    assert f"{path}:1: labelled under policy {POLICY.sha256[:8]}, but the policy is now ffffffff" in str(err.value)
+    assert len(load_generation_labels(path)) == 2  # without a policy to check against, no check
+
+
 def test_the_shipped_demo_labels_load_and_cover_every_heldout_prompt():
     import json
     from pathlib import Path
 
     from trace_core.evaluation import load_generation_labels
+    from trace_core.policy import load_policy
 
     root = Path(__file__).resolve().parents[1]
-    labels = load_generation_labels(root / "data" / "demo" / "generation_labels.jsonl")
+    # They were labelled under the demo's new policy: editing new.md fails here until they are relabelled.
+    new = load_policy(root / "configs" / "policies" / "new.md")
+    labels = load_generation_labels(root / "data" / "demo" / "generation_labels.jsonl", new)
     prompts = [json.loads(line)["prompt"] for line in (root / "data" / "demo" / "heldout_prompts.jsonl").read_text().splitlines()]
     assert {lab.prompt for lab in labels} == set(prompts)
     rows = [json.loads(line) for line in (root / "data" / "demo" / "generation_labels.jsonl").read_text().splitlines()]
     assert len(rows) == len(labels)  # no duplicates
+    assert all(r["policy_sha256"] == new.sha256 for r in rows)
     # The reference model's own generation of every prompt is labelled exactly once.
     reference = [r["prompt"] for r in rows if r["model"] == "smollm2-135m-instruct"]
     assert sorted(reference) == sorted(prompts)

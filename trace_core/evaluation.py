@@ -264,11 +264,16 @@ class LabelledResponse:
     compliant: bool
 
 
-def load_generation_labels(path: str | Path) -> list[LabelledResponse]:
+def load_generation_labels(path: str | Path, policy: Policy | None = None) -> list[LabelledResponse]:
     """Labelled generations from a JSONL file: one object per line with ``prompt``, ``response``
     (strings) and ``compliant`` (true/false); other keys (notes, the model that wrote it) are kept
     out. A bad line raises DataError naming the file and line; a repeated (prompt, response) with a
-    conflicting label too."""
+    conflicting label too.
+
+    A line may name the policy it was labelled under, ``policy_sha256`` (:attr:`Policy.sha256`).
+    Given ``policy``, a line labelled under another policy raises DataError: a label is a verdict
+    under one policy, and scoring a judge or a model against labels for a policy since edited would
+    report a wrong accuracy without a sign of it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: labelled generations file not found")
@@ -290,6 +295,15 @@ def load_generation_labels(path: str | Path) -> list[LabelledResponse]:
             raise DataError(f"{where}: 'response' must be a string")
         if not isinstance(label, bool):
             raise DataError(f"{where}: 'compliant' must be true or false, got {label!r}")
+        labelled_under = row.get("policy_sha256")
+        if labelled_under is not None and not isinstance(labelled_under, str):
+            raise DataError(f"{where}: 'policy_sha256' must be a string")
+        if policy is not None and labelled_under is not None and labelled_under != policy.sha256:
+            raise DataError(
+                f"{where}: labelled under policy {labelled_under[:8]}, but the policy is now "
+                f"{policy.short_hash} ({policy.path or policy.name}): relabel these generations under it, "
+                "or drop evaluation.labels_path"
+            )
         key = (prompt, response)
         if key in out and out[key].compliant != label:
             raise DataError(f"{where}: the same prompt and response are labelled both ways")
