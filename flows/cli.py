@@ -20,6 +20,11 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2
 
+SERVER_STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+SERVER_STARTUP_SECONDS = "120"
+"""How long a run waits for Prefect's local server to answer. Prefect's own default, 20 s, is
+exceeded on a busy 2-core machine, where the server's start alone can take that long."""
+
 
 def prefect_environment(workdir: str | Path, verbose: bool = False) -> dict[str, str]:
     """Prefect's home, result storage and telemetry settings, all inside the working folder.
@@ -39,6 +44,7 @@ def prefect_environment(workdir: str | Path, verbose: bool = False) -> dict[str,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        SERVER_STARTUP_SETTING: os.environ.get(SERVER_STARTUP_SETTING, SERVER_STARTUP_SECONDS),
     }
 
 
@@ -92,6 +98,7 @@ def _print_summary(manifest: dict) -> None:
 
 def cmd_run(args) -> int:
     from trace_core.config import load_config
+    from trace_core.errors import TraceError
 
     cfg = load_config(args.config, args.set)
     os.environ.update(prefect_environment(cfg.run.workdir, args.verbose))
@@ -105,7 +112,15 @@ def cmd_run(args) -> int:
     _quiet_libraries()
     from flows.realign import realign
 
-    manifest = realign(cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress)
+    try:
+        manifest = realign(cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress)
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        raise TraceError(
+            f"Prefect's local server did not answer within {os.environ[SERVER_STARTUP_SETTING]} s "
+            f"({SERVER_STARTUP_SETTING}): raise it on a busy machine, or set PREFECT_API_URL to a running server"
+        ) from None
     _print_summary(manifest)
     return 0
 

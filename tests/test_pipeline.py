@@ -201,6 +201,8 @@ def assert_one_line_error(proc, needle):
         ("row_without_chosen", "line 3: missing 'chosen'"),
         ("empty_policy", "policy.md"),
         ("unreachable_judge", "127.0.0.1:9"),
+        ("labels_for_another_policy", "labels.jsonl:1: labelled under policy 00000000, but the policy is now"),
+        ("server_never_answers", "Prefect's local server did not answer within 0 s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"),
     ],
 )
 def test_bad_inputs_fail_with_one_line_and_leave_no_result(tmp_path, case, needle):
@@ -217,7 +219,13 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_result(tmp_path, case, needl
         Path(cfg["data"]["path"]).write_text("\n".join(lines) + "\n")
     elif case == "empty_policy":
         Path(cfg["policy"]["path"]).write_text("")
-    proc = cli(["run", "--config", str(write_config(tmp_path, cfg)), "--until", "triage", "--no-progress"], tmp_path)
+    elif case == "labels_for_another_policy":
+        labels = tmp_path / "labels.jsonl"
+        labels.write_text(json.dumps({"prompt": "p", "response": "r", "compliant": True, "policy_sha256": "0" * 64}) + "\n")
+        cfg.setdefault("evaluation", {})["labels_path"] = str(labels)
+    # A busy machine that starts Prefect's local server too slowly (here: no time allowed at all).
+    env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"} if case == "server_never_answers" else None
+    proc = cli(["run", "--config", str(write_config(tmp_path, cfg)), "--until", "triage", "--no-progress"], tmp_path, env)
     assert_one_line_error(proc, needle)
     work = Path(cfg["run"]["workdir"])
     results = list((work / "artifacts" / "triage").glob("*.parquet")) if work.exists() else []
