@@ -50,7 +50,7 @@ def main() -> int:
         sys.stderr.write(proc.stderr[-4000:])
         print(f"the demo run failed (exit {proc.returncode}); work folder {tmp}", file=sys.stderr)
         return 1
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB on Linux
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB on Linux, to GiB
 
     manifest = json.loads(Path(tmp / "work" / "runs" / "last.json").read_text())
     manifest = json.loads(Path(manifest["manifest"]).read_text())
@@ -63,7 +63,7 @@ def main() -> int:
     outside = total - sum(stages.values())
     print(f"{'other':<12} {outside:>9.1f} {outside / total:>7.3f}   (model preparation, process and server start-up, summary)")
     print(f"{'end to end':<12} {total:>9.1f}")
-    print(f"peak resident memory of the run: {peak_gb:.1f} GB")
+    print(f"peak resident memory of the run: {peak_gb:.1f} GiB")
     metrics = manifest["stages"].get("evaluate", {}).get("metrics", {})
     for key in ("tpa_before", "tpa_after", "labelled_tpa_before", "labelled_tpa_after", "judge_labelled_accuracy", "utility_ratio"):
         if key in metrics:
