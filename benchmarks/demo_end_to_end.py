@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from flows.stages import STAGES  # noqa: E402
+
 TARGET_S = 20 * 60
 
 
@@ -54,9 +57,9 @@ def main() -> int:
 
     manifest = json.loads(Path(tmp / "work" / "runs" / "last.json").read_text())
     manifest = json.loads(Path(manifest["manifest"]).read_text())
-    order = ["load", "judge", "triage", "reference", "train", "evaluate"]
-    rank = lambda name: (order.index(name.split("-")[0]) if name.split("-")[0] in order else len(order), name)  # noqa: E731
-    stages = {name: manifest["stages"][name]["seconds"] for name in sorted(manifest["stages"], key=rank)}
+    # judge-0000, judge-0001, ... sort under "judge"
+    in_order = sorted(manifest["stages"], key=lambda name: (STAGES.index(name.split("-")[0]), name))
+    stages = {name: manifest["stages"][name]["seconds"] for name in in_order}
     print(f"{'stage':<12} {'seconds':>9} {'share':>7}")
     for name, seconds in stages.items():
         print(f"{name:<12} {seconds:>9.1f} {seconds / total:>7.3f}")

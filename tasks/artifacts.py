@@ -27,11 +27,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def folder_sha256(path: str | Path) -> str:
-    """sha256 over the relative names and contents of every file below ``path``."""
+def folder_sha256(path: str | Path, pattern: str = "*") -> str:
+    """sha256 over the relative names and contents of every file below ``path`` matching ``pattern``."""
     h = hashlib.sha256()
     root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob(pattern) if p.is_file()):
         h.update(str(f.relative_to(root)).encode())
         h.update(file_sha256(f).encode())
     return h.hexdigest()

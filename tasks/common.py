@@ -45,14 +45,10 @@ def context_of(run: dict | RunContext) -> RunContext:
 
 
 def tree_sha256(roots) -> str:
-    """sha256 over the relative paths and bytes of every ``*.py`` file under ``roots``."""
-    digest = hashlib.sha256()
-    for root in roots:
-        root = Path(root)
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root.parent)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    """sha256 over the names of ``roots`` and the relative paths and bytes of their ``*.py`` files."""
+    from tasks.artifacts import folder_sha256
+
+    return hashlib.sha256(json.dumps([[Path(r).name, folder_sha256(r, "*.py")] for r in roots]).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)

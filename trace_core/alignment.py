@@ -143,14 +143,13 @@ def _merged(peft_model, global_step: int, n_pairs: int, log_history: list[dict])
 class _SftCollator:
     """Right-padded (prompt, response) sequences with labels on the response tokens only."""
 
-    def __init__(self, sequences, pad_token_id: int):
-        self.sequences = sequences
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items):
+    def __call__(self, sequences):
         from trace_core.tokenization import pad_sequences
 
-        batch = pad_sequences([self.sequences[it["index"]] for it in items], self.pad_token_id)
+        batch = pad_sequences(sequences, self.pad_token_id)
         labels = batch.input_ids.masked_fill(batch.response_mask == 0, -100)
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
 
@@ -165,23 +164,14 @@ def sft_align(
     """Supervised fine-tuning on the chosen responses (LoRA, merged): the cheaper way to make a
     model follow the policy that chose them (one sequence per pair, no reference pass).
     Returns (merged model, result); ``settings.beta`` is unused."""
-    from torch.utils.data import Dataset
     from transformers import Trainer
 
     if not pairs:
         raise TraceError("sft: no preference pairs")
     encoder = Encoder(tokenizer, max_length=settings.max_length)
-    sequences = [encoder.sequence(p.prompt, p.chosen) for p in pairs]
-
-    class _Index(Dataset):
-        def __len__(self):
-            return len(sequences)
-
-        def __getitem__(self, i):
-            return {"index": i}
-
+    sequences = [encoder.sequence(p.prompt, p.chosen) for p in pairs]  # the data set: a list
     peft_model = _with_lora(model, settings)
     args = training_arguments(_train_settings(settings, disable_tqdm=True), work_dir)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=_Index(), data_collator=_SftCollator(sequences, tokenizer.pad_token_id))
+    trainer = Trainer(model=peft_model, args=args, train_dataset=sequences, data_collator=_SftCollator(tokenizer.pad_token_id))
     trainer.train()
     return _merged(peft_model, trainer.state.global_step, len(pairs), trainer.state.log_history)
