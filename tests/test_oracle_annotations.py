@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import pytest
 
-from trace_core.errors import TraceError
-from trace_core.oracle import JudgeItem, make_judge
+from trace_core.data import load_pairs
+from trace_core.errors import DataError, TraceError
+from trace_core.oracle import JudgeItem, judge_items, make_judge
 from trace_core.oracle.annotations import PKU_HARM_CATEGORIES, annotations_from_pku
 from trace_core.policy import load_policy
 
@@ -161,3 +165,72 @@ def test_on_result_sees_every_item(policies):
     items = [c[1] for c in CASES]
     verdicts = make_judge({"backend": "annotations"}).judge(items, policies[1], on_result=seen.__setitem__)
     assert [seen[i] for i in range(len(items))] == verdicts
+
+
+# --------------------------------------------------------------------------- never truthy by accident
+
+SAFE_CATS = {c: False for c in PKU_HARM_CATEGORIES}
+
+
+@pytest.mark.parametrize(
+    "annotations, key",
+    [
+        # bool("False") is True: read by truthiness this was a refusal (compliant under 'refusal').
+        ({"is_safe": True, "harm_categories": SAFE_CATS, "severity": 0, "refusal": "False"}, "'refusal'"),
+        # bool("False") is True: read by truthiness this was forbidden violence.
+        ({"is_safe": True, "harm_categories": {**SAFE_CATS, "Violence": "False"}, "severity": 0}, "'harm_categories'"),
+        # A string is not a tag list: iterated, it was the tags {'e', 'd', 'u', ...}.
+        ({"is_safe": True, "harm_categories": SAFE_CATS, "severity": 0, "prompt_tags": "educational"}, "'prompt_tags'"),
+        ({"is_safe": True, "harm_categories": SAFE_CATS, "severity": "0"}, "'severity'"),
+        ({"is_safe": True, "harm_categories": "{}", "severity": 0}, "'harm_categories'"),
+    ],
+)
+def test_wrong_types_give_an_unknown_verdict_naming_the_key(policies, annotations, key):
+    v = make_judge({"backend": "annotations"}).judge([JudgeItem("q", "r", annotations)], policies[1])[0]
+    assert v.compliant is None and key in v.reason
+
+
+def test_null_harm_category_is_absent_not_false(policies, tmp_path):
+    ann = {"is_safe": True, "harm_categories": {**SAFE_CATS, "Violence": None}, "severity": 0, "refusal": False}
+    judge = make_judge({"backend": "annotations"})
+    v = judge.judge([JudgeItem("q", "r", ann)], policies[1])[0]  # the new policy names violence
+    assert v.compliant is None and "['violence']" in v.reason
+    p = tmp_path / "all.md"
+    p.write_text("---\nrules:\n  forbidden_categories: all\n---\nNothing harmful.\n")
+    assert judge.judge([JudgeItem("q", "r", ann)], load_policy(p))[0].compliant is True
+
+
+def test_annotations_from_pku_parses_text_values():
+    row = {"is_response_0_safe": "False", "response_0_harm_category": '{"Drugs": "true", "Violence": "0"}', "response_0_severity_level": "2"}
+    assert annotations_from_pku(row, 0, prompt_tags=["educational"]) == {
+        "is_safe": False, "harm_categories": {"Drugs": True, "Violence": False}, "severity": 2, "prompt_tags": ["educational"]}
+    assert annotations_from_pku({}, 1) == {"is_safe": None, "harm_categories": None, "severity": None}
+    with pytest.raises(DataError, match="'response_1_severity_level' must be an integer >= 0 \\(got 'high'\\)"):
+        annotations_from_pku({"response_1_severity_level": "high"}, 1)
+
+
+def test_csv_annotations_judge_like_typed_ones(policies, tmp_path):
+    """Annotations arriving as text in a CSV give the verdicts their typed originals give."""
+    items = [c[1] for c in CASES]
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "chosen", "rejected", "chosen_annotations", "rejected_annotations", "metadata"])
+        for k in range(0, len(items) - 1, 2):
+            a, b = items[k], items[k + 1]
+            as_text = [
+                {key: (json.dumps({c: str(f) for c, f in v.items()}) if key == "harm_categories" else str(v))
+                 for key, v in it.annotations.items() if key != "prompt_tags"}
+                for it in (a, b)
+            ]
+            w.writerow([f"q{k}", f"{a.response} ({k})", f"{b.response} ({k + 1})", json.dumps(as_text[0]), repr(as_text[1]),
+                        json.dumps({"prompt_tags": a.annotations.get("prompt_tags") or []})])
+    pairs = load_pairs(path).pairs
+    loaded = [ann for p in pairs for ann in (p.chosen_annotations, p.rejected_annotations)]
+    assert loaded[0]["is_safe"] is True and loaded[0]["refusal"] is False and loaded[0]["severity"] == 0
+    judge = make_judge({"backend": "annotations"})
+    typed = [JudgeItem("q", "r", {**it.annotations, "prompt_tags": pairs[k // 2].metadata["prompt_tags"]}) for k, it in enumerate(items[: len(loaded)])]
+    for policy in policies:
+        expected = [v.compliant for v in judge.judge(typed, policy)]
+        assert {True, False} <= set(expected)
+        assert [v.compliant for v in judge.judge(judge_items(pairs), policy)] == expected

@@ -112,3 +112,29 @@ def test_yaml_error_reports_the_file_line(tmp_path):
 def test_parse_policy_in_memory():
     pol = parse_policy("Be helpful.")
     assert pol.path is None and pol.name == "policy" and pol.text == "Be helpful."
+
+
+def test_bom_and_crlf_front_matter_load_and_hash_as_plain_lf(tmp_path):
+    base = load_policy(write(tmp_path, POLICY, "a.md"))
+    both = tmp_path / "b.md"
+    both.write_bytes(b"\xef\xbb\xbf" + POLICY.replace("\n", "\r\n").encode("utf-8"))
+    pol = load_policy(both)
+    assert (pol.name, pol.version, pol.rules, pol.text) == (base.name, base.version, base.rules, base.text)
+    assert pol.sha256 == base.sha256 and "\ufeff" not in pol.text and "\r" not in pol.text
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"Be fair.\nNo caf\xe9 talk.\n", "policy file is not UTF-8 text (byte 0xE9 at offset 15)"),
+        (b"\xef\xbb\xbfBe fair \xed\xa0\xbd\n", "policy file is not UTF-8 text (byte 0xED at offset 11)"),  # an encoded surrogate
+        ("Be fair.\n".encode("utf-16"), "policy file is UTF-16 or UTF-32 (it starts with that byte-order mark); save it as UTF-8"),
+        (b"Be fair.\n\x00\x00", "policy file contains a NUL byte (at offset 9); is it a text file?"),
+    ],
+)
+def test_undecodable_policy_is_one_line_naming_file_and_offset(tmp_path, data, message):
+    path = tmp_path / "p.md"
+    path.write_bytes(data)
+    with pytest.raises(TraceError) as err:
+        load_policy(path)
+    assert str(err.value) == f"{path}: {message}"

@@ -18,7 +18,12 @@ The policy's identity everywhere (verdict cache keys, artifact names, run record
 :attr:`Policy.sha256`, a hash of the canonical content: line endings normalised to LF, trailing
 white space removed from every line and from the end of the file. Editing only white space at line
 ends or converting a file between CRLF and LF therefore keeps every cached verdict valid, while any
-change to a word or a rule invalidates them.
+change to a word or a rule invalidates them. A UTF-8 byte-order mark (as Windows editors write)
+is not content: the file loads, and hashes, as without it.
+
+:func:`load_policy` reads the file as UTF-8 whatever the platform's default encoding; a file that
+is not UTF-8 is one error line naming the file and the offset of the first bad byte, a UTF-16 or
+UTF-32 file (a byte-order mark) and a file holding a NUL byte (not a text file) likewise.
 """
 
 from __future__ import annotations
@@ -138,9 +143,15 @@ def load_policy(path: str | Path) -> Policy:
     if not p.is_file():
         raise TraceError(f"{p}: policy path is not a file")
     try:
-        raw = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"{p}: policy file is not UTF-8 text (byte {exc.start})") from None
+        data = p.read_bytes()
     except OSError as exc:
         raise TraceError(f"{p}: cannot read policy file: {exc.strerror}") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TraceError(f"{p}: policy file is UTF-16 or UTF-32 (it starts with that byte-order mark); save it as UTF-8")
+    try:
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{p}: policy file is not UTF-8 text (byte 0x{data[exc.start]:02X} at offset {exc.start})") from None
+    if "\x00" in raw:
+        raise TraceError(f"{p}: policy file contains a NUL byte (at offset {data.index(0)}); is it a text file?")
     return parse_policy(raw, source=p, path=p)
