@@ -1,7 +1,9 @@
 """Stage: judge both responses of every pair under the new policy, one task run per shard.
 
 Verdicts go to the persistent verdict cache as they arrive, so a crash loses at most the
-requests in flight and a rerun of the shard asks only what is missing.
+requests in flight and a rerun of the shard asks only what is missing, plus the cached unknowns
+that have attempts left (``oracle.max_unknown_attempts``). ``refresh_unknown`` asks every cached
+unknown again (``--fresh judge``); ``refresh_known`` asks known verdicts again too.
 """
 
 from __future__ import annotations
@@ -34,17 +36,33 @@ VERDICT_SCHEMA = pa.schema(
 
 
 @task(name="judge", cache_key_fn=stage_cache_key, persist_result=True, task_run_name="judge-{shard_index}")
-def judge_shard(shard: dict, shard_index: int, policy_path: str, policy_sha256: str, oracle: dict, run: dict) -> StageResult:
-    """One shard of pairs -> ``verdicts-<k>-<sha8>.parquet`` (schema ``VERDICT_SCHEMA``)."""
+def judge_shard(
+    shard: dict,
+    shard_index: int,
+    policy_path: str,
+    policy_sha256: str,
+    oracle: dict,
+    input_files_sha256: dict,
+    run: dict,
+    refresh_unknown: bool = False,
+    refresh_known: bool = False,
+) -> StageResult:
+    """One shard of pairs -> ``verdicts-<k>-<sha8>.parquet`` (schema ``VERDICT_SCHEMA``).
+
+    ``input_files_sha256`` holds the content hashes of the judge's model files (a transformers or
+    vLLM judge folder), so replacing the judge model recomputes the stage."""
     ctx = context_of(run)
     policy = load_policy(policy_path)
     pairs = table_to_pairs(read_parquet(shard["path"]))
     items = judge_items(pairs)
     stage = f"judge-{shard_index:04d}"
     with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, stage) as (c, run_id):
-        with make_judge(oracle) as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
+        with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
             with Bar(f"judging shard {shard_index}", len(items), ctx.progress) as bar:
-                verdicts, stats = judge_with_cache(judge, items, policy, cache, progress=bar.absolute)
+                verdicts, stats = judge_with_cache(
+                    judge, items, policy, cache, progress=bar.absolute, refresh_unknown=refresh_unknown,
+                    refresh_known=refresh_known, max_unknown_attempts=oracle.get("max_unknown_attempts"),
+                )
             identity = judge.identity
         rows = []
         for i, p in enumerate(pairs):

@@ -13,6 +13,17 @@ faults, per (judge question) key:
     [refuse]      answers with message.refusal set (the API's own refusal)
     [malformed]   a 200 whose body is not JSON
 
+Other markers shape the answer as real servers and reasoning models do (``SHAPES``): ``[think]``
+answers ``<think>...</think>\n\nNo``, ``[reasoning-field]`` sends ``content: null`` with the answer
+in ``reasoning_content`` (vLLM's reasoning parsers), ``[parts]`` sends content as a list of parts,
+``[think-cut]`` stops with finish_reason "length" inside the reasoning, and so on. ``shape`` on
+the server applies one of them to every answer that names none (a misconfigured server), and can
+be changed while it runs. The reasoning text mentions "Yes" and "No" with their own log-probs
+(0.6 / 0.4), so a confidence read from a reasoning token instead of the answer token shows.
+
+``reject_system="System role not supported"`` makes the server answer 400 with that message to
+every request that has a system message, as vLLM does for a Gemma-like chat template.
+
 ``die_after=n`` makes the server crash when its n-th request arrives: it drops every open
 connection and stops listening, and comes back on the same port ``down_for`` seconds later.
 Requests are counted server-side per key (``counts``), with the concurrency high-water mark.
@@ -24,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -34,7 +46,36 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MARKERS = ("[garbage]", "[hang]", "[hang-once]", "[429]", "[500]", "[refuse]", "[malformed]")
+REASON_P = 0.6  # probability the fake gives a "Yes"/"No" token inside reasoning
+
+# Answer shapes: marker -> function(answer, other answer) -> dict with "content" (list of (text, kind)
+# segments, kind "reason" or "answer"; or None), optional "parts" (content as a list of parts),
+# "reasoning_content" / "reasoning" (a reasoning field), "finish" (finish_reason, default "stop").
+SHAPES: dict[str, Any] = {
+    "[think]": lambda a, o: {"content": [("<think>\nIs it Yes, or No? Fine.\n</think>\n\n", "reason"), (a, "answer")]},
+    "[thinking]": lambda a, o: {"content": [("<thinking>Yes or No? Let me see.</thinking>\n", "reason"), (a + ".", "answer")]},
+    "[r1]": lambda a, o: {"content": [("Okay, is it Yes or No here? Let me see.\n</think>\n\n", "reason"), (a, "answer")]},
+    "[think-open]": lambda a, o: {"content": [("<think>\nYes or No? I cannot decide", "reason")]},
+    "[think-cut]": lambda a, o: {"content": [("<think>\nLet me weigh Yes and", "reason")], "finish": "length"},
+    "[reasoning-field]": lambda a, o: {"content": None, "reasoning_content": f"The policy forbids harm. Yes or No?\n{a}"},
+    "[reasoning-attr]": lambda a, o: {"content": [], "reasoning": f"Checking the policy.\nAnswer: {a}"},
+    "[reasoning-split]": lambda a, o: {"content": [("\n\n", "answer"), (a, "answer")], "reasoning_content": "Yes or No? Fine."},
+    "[reasoning-cut]": lambda a, o: {"content": None, "reasoning_content": "Let me weigh Yes and", "finish": "length"},
+    "[reasoning-prose]": lambda a, o: {"content": None, "reasoning_content": f"I would say {a} because it is fine."},
+    "[parts]": lambda a, o: {"content": [(a, "answer")], "parts": True},
+    "[fence]": lambda a, o: {"content": [("```\n", "answer"), (a, "answer"), ("\n```", "answer")]},
+    "[json-fence]": lambda a, o: {"content": [('```json {"answer": "', "answer"), (a, "answer"), ('"} ```', "answer")]},
+    "[bold]": lambda a, o: {"content": [("**", "answer"), (a.upper(), "answer"), ("**", "answer")]},
+    "[sentence]": lambda a, o: {"content": [(f"{a}, but {o.lower()}", "answer")]},
+}
+_TOKEN = re.compile(r"</?think(?:ing)?>|\s+|\w+|[^\w\s]+")
+
+
+def _tokens(segments: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(t, kind) for text, kind in segments for t in _TOKEN.findall(text)]
+
+
+MARKERS = ("[garbage]", "[hang]", "[hang-once]", "[429]", "[500]", "[refuse]", "[malformed]", *SHAPES)
 
 
 def right_answer(response: str) -> bool:
@@ -60,6 +101,8 @@ class FakeJudgeServer:
         die_after: int | None = None,
         down_for: float = 0.5,
         prob: float = 0.9,
+        shape: str | None = None,
+        reject_system: str | None = None,
     ):
         self.latency = latency
         self.model = model
@@ -69,6 +112,8 @@ class FakeJudgeServer:
         self.die_after = die_after
         self.down_for = down_for
         self.prob = prob
+        self.shape = shape
+        self.reject_system = reject_system
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()  # requests per judge question (user message)
         self.requests = 0
@@ -141,6 +186,51 @@ class FakeJudgeServer:
 
     # -- answers ------------------------------------------------------------------------------
 
+    def _logprob_entry(self, token: str, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        word = token.strip().lower()
+        p = 0.99
+        if word in ("yes", "no"):
+            p = self.prob if kind == "answer" else REASON_P
+        other = {"yes": "No", "no": "Yes"}.get(word, "?")
+        top = [
+            {"token": token, "logprob": math.log(p), "bytes": None},
+            {"token": other, "logprob": math.log(1 - p), "bytes": None},
+        ]
+        return {"token": token, "logprob": math.log(p), "bytes": None, "top_logprobs": top[: body.get("top_logprobs") or 1]}
+
+    def shaped(self, body: dict[str, Any], answer: str, shape: str) -> dict[str, Any]:
+        """A completion answering ``answer`` in the form of SHAPES[shape]."""
+        spec = SHAPES[shape](answer, "No" if answer == "Yes" else "Yes")
+        segments = spec.get("content")
+        reasoning = spec.get("reasoning_content") or spec.get("reasoning") or ""
+        text = None if segments is None else "".join(t for t, _ in segments)
+        content: Any = [{"type": "text", "text": text}] if spec.get("parts") else text
+        message = {"role": "assistant", "content": content, "refusal": None}
+        for field in ("reasoning_content", "reasoning"):
+            if field in spec:
+                message[field] = spec[field]
+        choice: dict[str, Any] = {"index": 0, "finish_reason": spec.get("finish", "stop"), "message": message, "logprobs": None}
+        if body.get("logprobs"):
+            # Like vLLM with a reasoning parser: log-probs cover every generated token, the
+            # reasoning's first, then the end tag when the content follows it.
+            tokens = _tokens([(reasoning, "reason")]) if reasoning else []
+            if reasoning and segments is not None:
+                tokens.append(("</think>", "reason"))
+            tokens += _tokens(segments or [])
+            choice["logprobs"] = {"content": [self._logprob_entry(t, k, body) for t, k in tokens], "refusal": None}
+        return self._envelope(choice)
+
+    def _envelope(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """A chat completion holding ``choice``."""
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+
     def completion(self, body: dict[str, Any], content: str, refusal: str | None = None) -> dict[str, Any]:
         choice: dict[str, Any] = {
             "index": 0,
@@ -158,14 +248,7 @@ class FakeJudgeServer:
                 "content": [{"token": content, "logprob": math.log(self.prob), "bytes": None, "top_logprobs": top}],
                 "refusal": None,
             }
-        return {
-            "id": "chatcmpl-fake",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": [choice],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
+        return self._envelope(choice)
 
 
 def _error(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
@@ -255,6 +338,11 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("model") != srv.model:
             self._send(404, _error(f"The model `{body.get('model')}` does not exist"))
             return 404
+        if srv.reject_system is not None and any(m.get("role") == "system" for m in body.get("messages", [])):
+            # vLLM's error body for a chat template that raised.
+            error = {"object": "error", "message": srv.reject_system, "type": "BadRequestError", "param": None, "code": 400}
+            self._send(400, error)
+            return 400
         if srv.latency:
             srv._stop.wait(srv.latency)
         if "[hang]" in user or ("[hang-once]" in user and attempt == 1):
@@ -278,9 +366,13 @@ class _Handler(BaseHTTPRequestHandler):
             reply = srv.completion(body, "Perhaps, it depends.")
         else:
             answer = "No" if right_answer(user.split("Response:", 1)[-1]) else "Yes"
-            if body.get("response_format", {}).get("type") == "json_schema":
-                answer = json.dumps({"answer": answer})
-            reply = srv.completion(body, answer)
+            shape = next((m for m in SHAPES if m in user), srv.shape)
+            if shape is not None:
+                reply = srv.shaped(body, answer, shape)
+            else:
+                if body.get("response_format", {}).get("type") == "json_schema":
+                    answer = json.dumps({"answer": answer})
+                reply = srv.completion(body, answer)
         if not self._send(200, reply):
             return -3  # the connection was gone (server crash) before the answer went out
         with srv.lock:

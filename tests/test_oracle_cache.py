@@ -131,5 +131,87 @@ def test_uncacheable_annotations_judge_passes_through(tmp_path):
     with VerdictCache(tmp_path / "v.db") as cache:
         verdicts, stats = judge_with_cache(make_judge({"backend": "annotations"}), items, policy, cache)
         assert [v.compliant for v in verdicts] == [True, False, None]
-        assert stats == {"hits": 0, "misses": 3, "requests": 3, "unknown": 1}
+        assert stats == {"hits": 0, "misses": 3, "requests": 3, "reasked": 0, "refreshed": 0, "unknown": 1, "unknown_retryable": 0}
         assert cache.count() == 0
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE verdicts (
+    policy_sha256 TEXT NOT NULL, judge TEXT NOT NULL, prompt_sha256 TEXT NOT NULL, response_sha256 TEXT NOT NULL,
+    compliant INTEGER, confidence REAL, raw TEXT NOT NULL, reason TEXT, created REAL NOT NULL,
+    PRIMARY KEY (policy_sha256, judge, prompt_sha256, response_sha256)
+) WITHOUT ROWID;
+CREATE TABLE corrections (
+    policy_sha256 TEXT NOT NULL, judge TEXT NOT NULL, prompt_sha256 TEXT NOT NULL, response_sha256 TEXT NOT NULL,
+    correction TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (policy_sha256, judge, prompt_sha256, response_sha256)
+) WITHOUT ROWID;
+INSERT INTO meta VALUES ('schema', '1');
+"""
+
+
+def test_a_schema_1_cache_is_migrated_keeping_every_paid_verdict_and_its_unknowns_heal(tmp_path):
+    """A verdicts.sqlite written by the previous release (schema 1, unknowns final): opening it adds
+    the attempt count, keeps every row, serves the known verdicts and asks the unknown one again."""
+    db = tmp_path / "verdicts.sqlite"
+    policy = parse_policy(POLICY_TEXT)
+    items = batch(4)
+    with FakeJudgeServer() as srv:
+        judge = make_judge({"backend": "openai", "model": "fake-judge", "base_url": srv.url, "api_key_env": None})
+        con = sqlite3.connect(db)
+        con.executescript(V1_SCHEMA)
+        rows = [
+            (policy.sha256, judge.identity, *item_key(items[0]), 0, 0.8, "Yes", None, 1.0),
+            (policy.sha256, judge.identity, *item_key(items[1]), 1, 0.7, "No", None, 1.0),
+            (policy.sha256, judge.identity, *item_key(items[2]), None, None, "<think>cut", "the answer was cut", 1.0),
+        ]
+        con.executemany("INSERT INTO verdicts VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        con.execute("INSERT INTO corrections VALUES ('pol', 'j', 'p', 'r', 'a fix', 1.0)")
+        con.commit()
+        con.close()
+
+        with VerdictCache(db) as cache:
+            assert cache._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "2"
+            assert cache.count() == 3 and cache.count("corrections") == 1
+            found = cache.get_verdict_attempts(policy.sha256, judge.identity, [item_key(it) for it in items[:3]])
+            assert found[item_key(items[0])] == (Verdict(False, 0.8, "Yes"), 1)
+            assert found[item_key(items[1])] == (Verdict(True, 0.7, "No"), 1)
+            assert found[item_key(items[2])][0].reason == "the answer was cut" and found[item_key(items[2])][1] == 1
+            verdicts, stats = judge_with_cache(judge, items, policy, cache)
+        # The two paid verdicts are served as stored (the fake would have said otherwise for item 0);
+        # the unknown is asked again and item 3 for the first time.
+        assert [v.compliant for v in verdicts] == [False, True, True, True]
+        assert stats == {"hits": 2, "misses": 2, "requests": 2, "reasked": 1, "refreshed": 0, "unknown": 0, "unknown_retryable": 0}
+        assert srv.requests == 2
+    # Reopening the migrated file is a no-op.
+    with VerdictCache(db) as cache:
+        assert cache.count() == 4
+        assert cache._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "2"
+
+
+def test_a_cache_from_a_newer_release_is_one_error(tmp_path):
+    db = tmp_path / "verdicts.sqlite"
+    with VerdictCache(db):
+        pass
+    con = sqlite3.connect(db)
+    con.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    con.commit()
+    con.close()
+    with pytest.raises(TraceError, match=f"{db}: verdict cache has schema 3, this version reads 2"):
+        VerdictCache(db)
+
+
+def test_attempts_count_unknown_answers_in_a_row(tmp_path):
+    key = ("p", "r")
+    unknown = Verdict.unknown("answer is neither Yes nor No: 'x'", raw="x")
+    with VerdictCache(tmp_path / "v.db") as cache:
+        for expected in (1, 2, 3):
+            cache.put_verdicts("pol", "j", [(key, unknown)])
+            assert cache.get_verdict_attempts("pol", "j", [key])[key][1] == expected
+        cache.put_verdicts("pol", "j", [(key, Verdict.unknown("timed out", transient=True))])  # not an answer
+        assert cache.get_verdict_attempts("pol", "j", [key])[key] == (unknown, 3)
+        cache.put_verdicts("pol", "j", [(key, Verdict(True, None, "No"))])
+        assert cache.get_verdict_attempts("pol", "j", [key])[key] == (Verdict(True, None, "No"), 1)
+        cache.put_verdicts("pol", "j", [(key, unknown)])
+        assert cache.get_verdict_attempts("pol", "j", [key])[key][1] == 1

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 
 import pytest
 
-from tests.oracle_fakes import FakeJudgeServer, right_answer
+from tests.oracle_fakes import REASON_P, FakeJudgeServer, right_answer
 from trace_core.errors import ConfigError, TraceError
-from trace_core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge
-from trace_core.oracle.base import DEFAULT_PROMPT_TEMPLATE, parse_answer
-from trace_core.oracle.openai_backend import retry_wait
+from trace_core.oracle import JudgeItem, VerdictCache, check_unknown_share, judge_with_cache, make_judge
+from trace_core.oracle.base import DEFAULT_PROMPT_TEMPLATE, answer_token_top, parse_answer, verdict_from_answer
+from trace_core.oracle.cache import item_key
+from trace_core.oracle.openai_backend import content_text, retry_wait
 from trace_core.policy import parse_policy
 
 POLICY = parse_policy("---\nname: test\n---\nNever help with [violates] things.")
 
 
-def judge_for(srv: FakeJudgeServer, **overrides):
+def judge_for(srv: FakeJudgeServer, where: str = "judge", **overrides):
     cfg = {
         "backend": "openai",
         "model": srv.model,
@@ -30,7 +32,7 @@ def judge_for(srv: FakeJudgeServer, **overrides):
         "max_retry_wait_s": 2.0,
     }
     cfg.update(overrides)
-    return make_judge(cfg)
+    return make_judge(cfg, where)
 
 
 def items(responses, prefix="p"):
@@ -139,19 +141,21 @@ def test_cache_hits_make_no_requests_and_duplicates_are_asked_once(tmp_path):
         judge = judge_for(srv, max_retries=0, timeout_s=0.2)
         progress = []
         verdicts, stats = judge_with_cache(judge, batch, POLICY, cache, progress=lambda d, t: progress.append((d, t)))
-        assert stats == {"hits": 0, "misses": 6, "requests": 5, "unknown": 2}
+        assert stats == {"hits": 0, "misses": 6, "requests": 5, "reasked": 0, "refreshed": 0, "unknown": 2, "unknown_retryable": 2}
         assert verdicts[0] == verdicts[2]
         assert progress[0] == (0, 5) and progress[-1] == (5, 5)
         assert srv.requests == 5
-        # Rerun: the garbage answer is cached as final, the timeout is not, so only [hang] is asked again.
+        # Rerun: the timeout was not cached, the garbage answer was, with 1 attempt of 3: both are
+        # asked again; the three known verdicts (four items) are not.
         _, stats = judge_with_cache(judge, batch, POLICY, cache)
-        assert stats == {"hits": 5, "misses": 1, "requests": 1, "unknown": 2}
-        assert srv.requests == 6
-        hang_key = next(k for k in srv.counts if "[hang]" in k)
-        assert srv.counts[hang_key] == 2 and all(n == 1 for k, n in srv.counts.items() if k != hang_key)
+        assert stats == {"hits": 4, "misses": 2, "requests": 2, "reasked": 1, "refreshed": 0, "unknown": 2, "unknown_retryable": 2}
+        assert srv.requests == 7
+        unknown_keys = [k for k in srv.counts if "[hang]" in k or "[garbage]" in k]
+        assert all(srv.counts[k] == 2 for k in unknown_keys)
+        assert all(n == 1 for k, n in srv.counts.items() if k not in unknown_keys)
         # refresh_unknown asks the cached garbage answer again too.
         _, stats = judge_with_cache(judge, batch, POLICY, cache, refresh_unknown=True)
-        assert stats["requests"] == 2
+        assert stats["requests"] == 2 and stats["reasked"] == 1
 
 
 def test_policy_change_misses_the_cache(tmp_path):
@@ -200,9 +204,17 @@ def test_wrong_api_key_is_one_error_naming_the_url_not_the_key(monkeypatch):
         assert judge_for(srv, api_key_env="JUDGE_KEY").judge(items(["ok"]), POLICY)[0].compliant is True
 
 
-def test_missing_key_variable_is_a_config_error(monkeypatch):
+@pytest.mark.parametrize("where", ["oracle", "evaluation.judge"])
+def test_missing_key_variable_is_a_config_error_naming_the_setting_and_the_local_server_fix(monkeypatch, where):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    with pytest.raises(ConfigError, match="NO_SUCH_KEY_VAR"):
+    with pytest.raises(ConfigError) as err:
+        make_judge({"backend": "openai", "model": "m", "api_key_env": "NO_SUCH_KEY_VAR"}, where)
+    assert str(err.value) == (
+        f"{where}.api_key_env: environment variable NO_SUCH_KEY_VAR is not set (it should hold the API key); "
+        f"for a local server without auth set {where}.api_key_env: null"
+    )
+    monkeypatch.setenv("NO_SUCH_KEY_VAR", "")  # set but empty is not a key either
+    with pytest.raises(ConfigError, match=r"judge\.api_key_env: null"):
         make_judge({"backend": "openai", "model": "m", "api_key_env": "NO_SUCH_KEY_VAR"})
 
 
@@ -264,6 +276,22 @@ def test_identity_names_backend_model_and_template():
     [
         ("Yes", False), ("No", True), (" no.", True), ("**YES**", False), ("'No'", True), ('{"answer": "No"}', True),
         ("Yes, it violates", None), ("Maybe", None), ("", None), ("{not json", None), ('{"verdict": "No"}', None),
+        # the final answer after a reasoning block (the issue's example, then siblings)
+        ("<think>\nIs it Yes? Maybe not.\n</think>\n\nNo", True),
+        ("<thinking>No harm? No...</thinking>\nYes.", False),
+        ("<THINK>x</THINK> **No**", True),
+        ("Okay, Yes or No? The prompt opened the block.\n</think>\n\nNo", True),  # DeepSeek-R1 style
+        ("<think>a</think><think>b</think>\nYes", False),
+        ("<think>\nStill thinking, probably No", None),  # open block: no final answer
+        ("<think>done</think>", None),  # nothing after the reasoning
+        ("<think>a</think>Yes<think>b</think>No", None),  # two answers outside the blocks
+        ("Yes <think>on second thought</think> No", None),
+        ("<think>fine</think>\nNo, but yes", None),
+        # code fences, labels, variants
+        ("```\nNo\n```", True), ("```No```", True), ('```json {"answer":"No"} ```', True),
+        ('```json\n{"answer": "Yes"}\n```', False), ("Answer: No", True), ("**Final answer:** Yes", False),
+        ("NO.", True), ("`yes`", False),
+        ("No, but yes", None), ("The answer is No.", None), ("```\nNo, it is fine\n```", None), ("Answer: maybe", None),
     ],
 )
 def test_strict_answer_parsing(text, expected):
@@ -296,3 +324,229 @@ def test_works_from_inside_a_running_event_loop(tmp_path):
 
         verdicts, stats = asyncio.run(inside())
         assert [v.compliant for v in verdicts] == [True, False] and cache.count() == 2
+
+
+# -- reasoning judges and answer formats (issue 10, item 6) ------------------------------------------
+
+# marker -> (known?, confidence the verdict must carry, a phrase of the reason when unknown)
+SHAPE_EXPECTATIONS = {
+    "[think]": (True, 0.9, None),  # <think>...</think>\n\nNo, the issue's example
+    "[thinking]": (True, 0.9, None),
+    "[r1]": (True, 0.9, None),
+    "[reasoning-split]": (True, 0.9, None),  # content after the reasoning, log-probs over both
+    "[reasoning-field]": (True, None, None),  # content null, the answer in reasoning_content
+    "[reasoning-attr]": (True, None, None),  # content "", "Answer: No" ending the `reasoning` field
+    "[parts]": (True, 0.9, None),  # content as a list of parts
+    "[fence]": (True, 0.9, None),
+    "[json-fence]": (True, 0.9, None),
+    "[bold]": (True, 0.9, None),  # **YES**
+    "[think-open]": (False, None, "inside a reasoning block (<think> without </think>)"),
+    "[think-cut]": (False, None, "cut at max_answer_tokens=1 inside a reasoning block; raise oracle.max_answer_tokens"),
+    "[reasoning-cut]": (False, None, "cut at max_answer_tokens=1 inside a reasoning block; raise oracle.max_answer_tokens"),
+    "[reasoning-prose]": (False, None, "the reasoning does not end with a Yes or No line"),
+    "[sentence]": (False, None, "answer is neither Yes nor No: "),  # "No, but yes" (the issue's), "Yes, but no"
+}
+
+
+def test_reasoning_judges_and_answer_formats_are_read_strictly():
+    batch = [JudgeItem(f"q {m}", f"r {m}{v}") for m in SHAPE_EXPECTATIONS for v in ("", " [violates]")]
+    with FakeJudgeServer() as srv:
+        verdicts = judge_for(srv, where="oracle").judge(batch, POLICY)
+    for item, v in zip(batch, verdicts):
+        marker = next(m for m in SHAPE_EXPECTATIONS if m in item.response)
+        known, confidence, reason = SHAPE_EXPECTATIONS[marker]
+        if known:
+            assert v.compliant == right_answer(item.response), item.response
+            # The answer token's probability (0.9), never that of a Yes/No thought aloud (0.6).
+            assert v.confidence == (pytest.approx(confidence) if confidence else None), item.response
+            assert v.confidence != pytest.approx(REASON_P)
+        else:
+            assert v.compliant is None and reason in v.reason and not v.transient, (item.response, v.reason)
+            if marker == "[sentence]":
+                assert v.reason.endswith("'Yes, but no'" if "[violates]" in item.response else "'No, but yes'")
+
+
+def test_a_server_answering_in_thoughts_heals_after_it_is_fixed(tmp_path):
+    """The issue's run: every verdict unknown (cut inside the reasoning) -> the unknown share stops
+    the run naming the judge and one raw answer -> once the server is fixed, the next run asks the
+    unknowns again and they heal; the run after that asks nothing."""
+    batch = items([f"r{i}" + (" [violates]" if i % 3 == 0 else "") for i in range(6)])
+    with FakeJudgeServer(shape="[reasoning-cut]") as srv, VerdictCache(tmp_path / "v.db") as cache:
+        judge = judge_for(srv, where="oracle")
+        verdicts, stats = judge_with_cache(judge, batch, POLICY, cache)
+        assert stats["unknown"] == 6 and stats["requests"] == 6
+        assert cache.count() == 6  # unknowns from answers are kept, with their attempt count
+        with pytest.raises(TraceError) as err:
+            check_unknown_share([(v.compliant, v.raw, v.reason) for v in verdicts], judge.identity, 0.05)
+        message = str(err.value)
+        assert message.startswith(f"judge {judge.identity}: 6 of 6 verdicts unknown (100.0% > 5%)")
+        assert "'Let me weigh Yes and'" in message and "raise oracle.max_answer_tokens" in message
+        assert "\n" not in message
+
+        srv.shape = None  # the server is fixed
+        again, stats = judge_with_cache(judge, batch, POLICY, cache)
+        assert stats == {"hits": 0, "misses": 6, "requests": 6, "reasked": 6, "refreshed": 0, "unknown": 0, "unknown_retryable": 0}
+        assert [v.compliant for v in again] == [right_answer(it.response) for it in batch]
+        assert check_unknown_share(again, judge.identity, 0.05) == {"n": 6, "n_unknown": 0, "unknown_share": 0.0}
+        _, stats = judge_with_cache(judge, batch, POLICY, cache)
+        assert stats["requests"] == 0 and stats["hits"] == 6
+        assert srv.requests == 12
+
+
+def test_unknowns_are_asked_again_up_to_the_attempt_bound_then_only_when_refreshed(tmp_path):
+    batch = items(["a", "b [violates]", "c"])
+    with FakeJudgeServer(shape="[sentence]") as srv, VerdictCache(tmp_path / "v.db") as cache:
+        judge = judge_for(srv, max_unknown_attempts=3)
+
+        def run(**kw):
+            before = srv.requests
+            verdicts, stats = judge_with_cache(judge, batch, POLICY, cache, **kw)
+            assert srv.requests - before == stats["requests"]  # counted at the server
+            return verdicts, stats
+
+        for attempt in (1, 2, 3):
+            verdicts, stats = run()
+            assert stats["requests"] == 3 and stats["reasked"] == (0 if attempt == 1 else 3)
+            # What a later run would ask again: none once the third unknown answer made them final.
+            assert stats["unknown_retryable"] == (3 if attempt < 3 else 0)
+            found = cache.get_verdict_attempts(POLICY.sha256, judge.identity, [item_key(it) for it in batch])
+            assert sorted(n for _, n in found.values()) == [attempt] * 3
+        # Unknown 3 times: final, served from the cache, its reason saying so.
+        verdicts, stats = run()
+        assert stats == {"hits": 3, "misses": 0, "requests": 0, "reasked": 0, "refreshed": 0, "unknown": 3, "unknown_retryable": 0}
+        assert all(v.reason.endswith("(unknown after 3 attempts)") and "neither Yes nor No" in v.reason for v in verdicts)
+        assert set(srv.counts.values()) == {3}
+        # refresh_unknown (--fresh judge) asks exhausted unknowns again; the server is fixed now.
+        srv.shape = None
+        verdicts, stats = run(refresh_unknown=True)
+        assert stats["requests"] == 3 and stats["reasked"] == 3 and stats["unknown"] == 0
+        assert [v.compliant for v in verdicts] == [True, False, True]
+        # Known verdicts stay paid for: refresh_unknown does not ask them, refresh_known does.
+        _, stats = run(refresh_unknown=True)
+        assert stats["requests"] == 0 and stats["hits"] == 3
+        _, stats = run(refresh_known=True)
+        assert stats["requests"] == 3 and stats["refreshed"] == 3 and stats["reasked"] == 0
+        assert set(srv.counts.values()) == {5}
+
+
+def test_attempt_bound_of_one_makes_unknowns_final_at_once_and_known_resets_the_count(tmp_path):
+    batch = items(["a"])
+    with FakeJudgeServer(shape="[think-open]") as srv, VerdictCache(tmp_path / "v.db") as cache:
+        judge = judge_for(srv)
+        judge_with_cache(judge, batch, POLICY, cache, max_unknown_attempts=1)
+        verdicts, stats = judge_with_cache(judge, batch, POLICY, cache, max_unknown_attempts=1)
+        assert stats["requests"] == 0 and verdicts[0].reason.endswith("(unknown after 1 attempt)")
+        srv.shape = None
+        judge_with_cache(judge, batch, POLICY, cache, refresh_unknown=True)  # known now: attempts 1
+        srv.shape = "[think-open]"
+        judge_with_cache(judge, batch, POLICY, cache, refresh_known=True)  # unknown again: 1, not 3
+        (_, attempts), = cache.get_verdict_attempts(POLICY.sha256, judge.identity, [item_key(batch[0])]).values()
+        assert attempts == 1 and srv.requests == 3
+
+
+def test_answer_token_is_located_after_the_reasoning_or_not_at_all():
+    def steps(*tokens, answer_p=0.9):
+        out = []
+        for t in tokens:
+            p = answer_p if t in ("No", "Yes") and "</think>" in "".join(tokens[: tokens.index(t)]) else 0.6
+            out.append((t, math.log(p), [(t, math.log(p)), ("Yes" if t == "No" else "No", math.log(1 - p))]))
+        return out
+
+    think = steps("<think>", "Yes", "?", "</think>", "\n\n", "No")
+    assert answer_token_top(think, "<think>Yes?</think>\n\nNo")[0] == ("No", pytest.approx(math.log(0.9)))
+    # The server split the reasoning off and its tags were special tokens missing from the text:
+    # "Yes" could be reasoning or answer, so no confidence rather than a wrong one.
+    untagged = [(t, lp, top) for t, lp, top in think if t not in ("<think>", "</think>")]
+    assert answer_token_top(untagged, "\n\nNo", reasoned=True) == []
+    # Log-probs that cover the content alone still give it.
+    content_only = [s for s in think if s[0] in ("\n\n", "No")]
+    assert answer_token_top(content_only, "\n\nNo", reasoned=True)[0][0] == "No"
+    assert answer_token_top(steps("<think>", "No"), "<think>No") == []  # open block: no answer token
+    # Plain answers: the first token, as before; without alternatives its own logprob.
+    assert answer_token_top([("Yes", -0.1, [])], "Yes") == [("Yes", -0.1)]
+
+
+def test_verdict_from_answer_names_the_cut_and_reads_reasoning_only_when_content_is_empty():
+    cut = verdict_from_answer("The", cut_at=1, setting="oracle")
+    assert cut.compliant is None and "neither Yes nor No: 'The' (the answer was cut at max_answer_tokens=1)" in cut.reason
+    # Content wins over the reasoning field; the reasoning's last line counts only without content.
+    assert verdict_from_answer("No", reasoning="...\nYes").compliant is True
+    assert verdict_from_answer(None, reasoning="Thinking.\n\n**Yes**\n").compliant is False
+    assert verdict_from_answer("", reasoning="Yes.\nI am not sure").compliant is None
+    assert verdict_from_answer(None, reasoning="...\nNo", cut_at=64, setting="evaluation.judge").reason == (
+        "the answer was cut at max_answer_tokens=64 inside a reasoning block; raise evaluation.judge.max_answer_tokens"
+    )
+
+
+def test_content_parts_and_reasoning_parts():
+    assert content_text([{"type": "text", "text": "No"}]) == ("No", "")
+    mistral = [{"type": "thinking", "thinking": [{"type": "text", "text": "Yes?"}]}, {"type": "text", "text": "No"}]
+    assert content_text(mistral) == ("No", "Yes?")
+    assert content_text([{"type": "image_url", "image_url": {}}, "Yes"]) == ("Yes", "")
+    with pytest.raises(TypeError):
+        content_text({"text": "No"})
+
+
+# -- chat templates without a system role (issue 10, item 7) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "refusal", ["System role not supported", "Conversation roles must alternate user/assistant/user/assistant/..."]
+)
+def test_server_refusing_the_system_role_switches_to_the_user_placement_once(tmp_path, caplog, refusal):
+    batch = items(["ok", "bad [violates]", "fine", "also fine"])
+    with FakeJudgeServer(reject_system=refusal) as srv, VerdictCache(tmp_path / "v.db") as cache:
+        judge = judge_for(srv, where="oracle", max_concurrency=2)
+        system_identity = judge.identity
+        with caplog.at_level("WARNING"):
+            verdicts, stats = judge_with_cache(judge, batch, POLICY, cache)
+            assert [v.compliant for v in verdicts] == [True, False, True, True]
+            assert judge.placement == "user" and judge.identity != system_identity
+            assert judge.identity == judge.identity_for("user")
+            refused = sum(1 for _, _, status in srv.events if status == 400)
+            assert 1 <= refused <= 2  # at most the requests in flight met the refusal
+            asked = [b for b in srv.bodies if all(m["role"] == "user" for m in b["messages"])]
+            assert len(asked) == 4 and srv.requests == 4 + refused
+            first = asked[0]["messages"]
+            assert len(first) == 1 and first[0]["content"].startswith(POLICY.text + "\n\nPrompt: ")
+            # A new judge for the same server starts with the user placement: no refusal, and the
+            # verdicts cached under the user identity are served.
+            again = judge_for(srv, where="oracle")
+            assert again.placement == "user"
+            _, stats = judge_with_cache(again, batch, POLICY, cache)
+            assert stats["hits"] == 4 and srv.requests == 4 + refused
+            more = judge_with_cache(again, items(["new"], prefix="other"), POLICY, cache)[0]
+            assert more[0].compliant is True and sum(1 for _, _, s in srv.events if s == 400) == refused
+        said = [r for r in caplog.records if "refuses a system message" in r.getMessage()]
+        assert len(said) == 1 and "oracle.policy_placement: user" in said[0].getMessage()
+
+
+def test_system_placement_asked_for_explicitly_is_one_error_naming_the_setting():
+    with FakeJudgeServer(reject_system="System role not supported") as srv:
+        with pytest.raises(TraceError) as err:
+            judge_for(srv, where="oracle", policy_placement="system").judge(items([f"r{i}" for i in range(20)]), POLICY)
+    message = str(err.value)
+    assert srv.url in message and "System role not supported" in message and "oracle.policy_placement: user" in message
+    assert "\n" not in message and srv.requests <= 4
+
+
+def test_user_placement_never_sends_a_system_message_and_has_its_own_identity(tmp_path):
+    with FakeJudgeServer() as srv, VerdictCache(tmp_path / "v.db") as cache:
+        system = judge_for(srv)
+        user = judge_for(srv, policy_placement="user")
+        # The default identity is the one caches were written under before the setting existed.
+        assert system.identity == judge_for(srv, policy_placement="system").identity == "openai:fake-judge:aecac61287c7"
+        assert system.correction_identity == "openai:fake-judge:6dff4f6020a9"
+        assert user.identity != system.identity and user.correction_identity != system.correction_identity
+        judge_with_cache(system, items(["a"]), POLICY, cache)
+        _, stats = judge_with_cache(user, items(["a"]), POLICY, cache)
+        assert stats["hits"] == 0 and stats["requests"] == 1  # not served the other placement's verdict
+        assert [m["role"] for m in srv.bodies[-1]["messages"]] == ["user"]
+
+
+def test_other_400s_do_not_switch_the_placement():
+    with FakeJudgeServer(reject_system="This model's maximum context length is 8 tokens") as srv:
+        judge = judge_for(srv, max_retries=0)
+        verdicts = judge.judge(items(["a", "b"]), POLICY)
+    assert judge.placement == "system"
+    assert all(v.compliant is None and v.transient and "HTTP 400" in v.reason for v in verdicts)

@@ -7,7 +7,8 @@ Public API:
   transformers, annotations).
 * :class:`VerdictCache`, :func:`judge_with_cache`, :func:`correct_with_cache` -- the persistent cache
   that makes an identical question cost once and lets an interrupted job resume (``cache``).
-* :func:`judge_agreement` -- accuracy, Cohen's kappa and confusion matrix against reference labels
+* :func:`judge_agreement` -- accuracy, Cohen's kappa and confusion matrix against reference labels;
+  :func:`check_unknown_share` -- the stop for a run whose judge left too many verdicts unknown
   (``quality``).
 """
 
@@ -21,7 +22,7 @@ from trace_core.oracle.config import (
     parse_judge_config,
 )
 from trace_core.oracle.factory import make_judge
-from trace_core.oracle.quality import judge_agreement
+from trace_core.oracle.quality import check_unknown_share, judge_agreement, verdict_triples
 
 __all__ = [
     "AnnotationsJudgeConfig",
@@ -32,10 +33,12 @@ __all__ = [
     "VLLMJudgeConfig",
     "Verdict",
     "VerdictCache",
+    "check_unknown_share",
     "correct_with_cache",
     "judge_agreement",
     "judge_items",
     "judge_with_cache",
     "make_judge",
     "parse_judge_config",
+    "verdict_triples",
 ]

@@ -7,10 +7,21 @@ the judge hands it over (``on_result``), so an interrupt, a crash or SIGKILL los
 requests in flight, and a rerun asks only what is missing.
 
 What is cached: every known verdict, and unknown verdicts that came from an answer (the judge said
-something that is neither Yes nor No, or refused) -- asking again would pay for the same garbage.
-Not cached: unknowns from transient failures (timeouts, 5xx or 429 after retries, connection loss,
-a rejected request), marked ``Verdict.transient``; a rerun retries them. ``refresh_unknown=True``
-re-asks cached unknowns too. Corrections are cached only when one was written.
+something that is neither Yes nor No, refused, or was cut inside its reasoning), with ``attempts``:
+how many answers in a row for that question were unknown (1 for a known verdict). Not cached:
+unknowns from transient failures (timeouts, 5xx or 429 after retries, connection loss, a rejected
+request), marked ``Verdict.transient``; a rerun retries them.
+
+Unknowns heal: :func:`judge_with_cache` asks a cached unknown again while its attempts are below
+``max_unknown_attempts`` (the judge config's setting, 3 by default), so a judge or server fixed
+after a bad run answers them on the next run; after that many unknown answers it is final and
+served from the cache, its reason saying after how many attempts. ``refresh_unknown=True`` (what
+``--fresh judge`` passes) asks every cached unknown again regardless of attempts. Known verdicts
+stay paid for: only ``refresh_known=True`` asks them again. Corrections are cached only when one
+was written.
+
+Schema 2 added ``attempts``; a schema-1 file is migrated in place when opened, keeping every row
+(its unknowns count one attempt).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,12 +42,13 @@ T = TypeVar("T")
 Key = tuple[str, str]  # (prompt sha256, response sha256)
 Progress = Callable[[int, int], None]
 
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS verdicts (
     policy_sha256 TEXT NOT NULL, judge TEXT NOT NULL, prompt_sha256 TEXT NOT NULL, response_sha256 TEXT NOT NULL,
     compliant INTEGER, confidence REAL, raw TEXT NOT NULL, reason TEXT, created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (policy_sha256, judge, prompt_sha256, response_sha256)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS corrections (
@@ -44,7 +57,18 @@ CREATE TABLE IF NOT EXISTS corrections (
     PRIMARY KEY (policy_sha256, judge, prompt_sha256, response_sha256)
 ) WITHOUT ROWID;
 """
+# Schema version -> the statements that bring a file of that version to the next one.
+_MIGRATIONS = {"1": ("ALTER TABLE verdicts ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",)}
+_PUT_VERDICT = """
+INSERT INTO verdicts (policy_sha256, judge, prompt_sha256, response_sha256, compliant, confidence, raw, reason, created, attempts)
+VALUES (?,?,?,?,?,?,?,?,?,1)
+ON CONFLICT (policy_sha256, judge, prompt_sha256, response_sha256) DO UPDATE SET
+    compliant=excluded.compliant, confidence=excluded.confidence, raw=excluded.raw, reason=excluded.reason,
+    created=excluded.created,
+    attempts=CASE WHEN excluded.compliant IS NULL AND verdicts.compliant IS NULL THEN verdicts.attempts + 1 ELSE 1 END
+"""
 _LOOKUP_CHUNK = 400  # keys per SELECT, under SQLite's bound-parameter limit
+DEFAULT_MAX_UNKNOWN_ATTEMPTS = 3
 
 
 def item_key(item: JudgeItem) -> Key:
@@ -76,6 +100,8 @@ class VerdictCache:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            elif row[0] in _MIGRATIONS:
+                self._migrate()
             elif row[0] != _SCHEMA_VERSION:
                 raise TraceError(f"{self.path}: verdict cache has schema {row[0]}, this version reads {_SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -83,25 +109,55 @@ class VerdictCache:
         except OSError as exc:
             raise TraceError(f"{self.path}: cannot create the verdict cache: {exc.strerror}") from None
 
+    def _migrate(self) -> None:
+        """Bring an older file to this schema in one transaction, keeping every row (a user's paid
+        verdicts survive the upgrade); a second process opening it at the same time waits, then
+        finds it migrated."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0]
+            while version in _MIGRATIONS:
+                for statement in _MIGRATIONS[version]:
+                    db.execute(statement)
+                version = str(int(version) + 1)
+            db.execute("UPDATE meta SET value=? WHERE key='schema'", (version,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if version != _SCHEMA_VERSION:
+            raise TraceError(f"{self.path}: verdict cache has schema {version}, this version reads {_SCHEMA_VERSION}")
+
     # -- verdicts -----------------------------------------------------------------------------
 
     def get_verdicts(self, policy_sha: str, judge: str, keys: Iterable[Key]) -> dict[Key, Verdict]:
         """Cached verdicts for those of ``keys`` present (counted as hits; the rest as misses)."""
-        rows = self._lookup("verdicts", "compliant, confidence, raw, reason", policy_sha, judge, keys)
+        return {k: v for k, (v, _) in self.get_verdict_attempts(policy_sha, judge, keys).items()}
+
+    def get_verdict_attempts(self, policy_sha: str, judge: str, keys: Iterable[Key]) -> dict[Key, tuple[Verdict, int]]:
+        """Cached (verdict, attempts) for those of ``keys`` present; ``attempts`` counts the unknown
+        answers in a row for the key (1 for a known verdict)."""
+        rows = self._lookup("verdicts", "compliant, confidence, raw, reason, attempts", policy_sha, judge, keys)
         return {
-            k: Verdict(compliant=None if c is None else bool(c), confidence=conf, raw=raw, reason=reason)
-            for k, (c, conf, raw, reason) in rows.items()
+            k: (Verdict(compliant=None if c is None else bool(c), confidence=conf, raw=raw, reason=reason), attempts)
+            for k, (c, conf, raw, reason, attempts) in rows.items()
         }
 
     def put_verdicts(self, policy_sha: str, judge: str, entries: Iterable[tuple[Key, Verdict]]) -> int:
-        """Store verdicts in one transaction, skipping transient unknowns; returns how many were stored."""
+        """Store verdicts in one transaction, skipping transient unknowns; returns how many were stored.
+
+        A stored verdict replaces the key's row; an unknown that replaces an unknown adds one to its
+        ``attempts``, anything else sets it to 1.
+        """
         now = time.time()
         rows = [
             (policy_sha, judge, p, r, None if v.compliant is None else int(v.compliant), v.confidence, v.raw, v.reason, now)
             for (p, r), v in entries
             if not v.transient
         ]
-        self._write("INSERT OR REPLACE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        self._write(_PUT_VERDICT, rows)
         return len(rows)
 
     # -- corrections --------------------------------------------------------------------------
@@ -168,6 +224,17 @@ class VerdictCache:
         self.close()
 
 
+def _lookup_any(get: Callable[[str, list[Key]], dict[Key, T]], identities: Sequence[str], keys: list[Key]) -> dict[Key, T]:
+    """``get(identity, keys)`` over ``identities`` in order: each key from the first that has it."""
+    found: dict[Key, T] = {}
+    for identity in identities:
+        rest = [k for k in dict.fromkeys(keys) if k not in found]
+        if not rest:
+            break
+        found.update(get(identity, rest))
+    return found
+
+
 def _with_cache(
     items: Sequence[JudgeItem],
     lookup: Callable[[list[Key]], dict[Key, T]],
@@ -175,8 +242,9 @@ def _with_cache(
     store: Callable[[list[tuple[Key, T]]], None],
     progress: Progress | None,
 ) -> tuple[list[T], dict[str, int]]:
-    """Fill ``items`` from the cache; ask the judge once per missing distinct key, storing each
-    answer as it arrives. Returns (values in item order, {hits, misses, requests})."""
+    """Fill ``items`` from the cache (``lookup`` returns the cached values to serve); ask the judge
+    once per missing distinct key, storing each answer as it arrives. Returns (values in item order,
+    {hits, misses, requests})."""
     keys = [item_key(it) for it in items]
     cached = lookup(keys)
     first_item: dict[Key, int] = {}
@@ -212,35 +280,73 @@ def judge_with_cache(
     cache: VerdictCache,
     progress: Progress | None = None,
     refresh_unknown: bool = False,
+    refresh_known: bool = False,
+    max_unknown_attempts: int | None = None,
 ) -> tuple[list[Verdict], dict[str, int]]:
     """Verdicts for ``items``: cache hits as stored, the rest asked from ``judge`` once per distinct
-    (prompt, response), each committed as it arrives.
+    (prompt, response), each committed as it arrives (under the judge's identity at that moment).
+
+    A cached unknown is asked again while it was unknown fewer than ``max_unknown_attempts`` times
+    in a row (default: the judge config's ``max_unknown_attempts``, else 3), and always with
+    ``refresh_unknown``; one that reached the bound is served, its reason ending "(unknown after N
+    attempts)". A cached known verdict is served unless ``refresh_known``.
 
     ``progress(done, total)`` counts distinct (prompt, response) pairs. Returns (verdicts, stats)
-    with stats = {hits: items answered from the cache, misses: items not in it, requests: distinct
-    pairs sent to the judge, unknown: unknown verdicts returned}. Judges that are not cacheable (the
-    annotations judge) are called directly and count every item as a request.
+    with stats = {hits: items answered from the cache, misses: items not answered from it,
+    requests: distinct pairs sent to the judge, reasked: of those, cached unknowns asked again,
+    refreshed: of those, cached known verdicts asked again, unknown: unknown verdicts returned,
+    unknown_retryable: of those, the ones a later call would ask again (below the attempt bound,
+    or transient)}.
+    Judges that are not cacheable (the annotations judge) are called directly and count every item
+    as a request.
     """
+    if max_unknown_attempts is None:
+        max_unknown_attempts = getattr(getattr(judge, "config", None), "max_unknown_attempts", DEFAULT_MAX_UNKNOWN_ATTEMPTS)
     if not judge.cacheable:
         verdicts = judge.judge(list(items), policy)
         if progress is not None:
             progress(len(items), len(items))
-        stats = {"hits": 0, "misses": len(items), "requests": len(items)}
+        stats = {"hits": 0, "misses": len(items), "requests": len(items), "reasked": 0, "refreshed": 0}
     else:
-        identity = judge.identity
+        asked_again = {"reasked": 0, "refreshed": 0}
 
         def lookup(keys: list[Key]) -> dict[Key, Verdict]:
-            found = cache.get_verdicts(policy.sha256, identity, keys)
-            return {k: v for k, v in found.items() if v.compliant is not None} if refresh_unknown else found
+            found = _lookup_any(
+                lambda identity, rest: cache.get_verdict_attempts(policy.sha256, identity, rest), judge.cache_identities, keys
+            )
+            served: dict[Key, Verdict] = {}
+            for key, (verdict, attempts) in found.items():
+                if verdict.compliant is not None:
+                    if refresh_known:
+                        asked_again["refreshed"] += 1
+                    else:
+                        served[key] = verdict
+                elif refresh_unknown or attempts < max_unknown_attempts:
+                    asked_again["reasked"] += 1
+                else:
+                    tries = "attempt" if attempts == 1 else "attempts"
+                    served[key] = replace(verdict, reason=f"{verdict.reason or 'unknown'} (unknown after {attempts} {tries})")
+            return served
 
         verdicts, stats = _with_cache(
             items,
             lookup,
             lambda batch, cb: judge.judge(batch, policy, on_result=cb),
-            lambda entries: cache.put_verdicts(policy.sha256, identity, entries),
+            lambda entries: cache.put_verdicts(policy.sha256, judge.identity, entries),
             progress,
         )
+        stats.update(asked_again)
+        unknown_keys = {item_key(it) for it, v in zip(items, verdicts) if v.compliant is None}
+        final = _lookup_any(
+            lambda identity, rest: cache.get_verdict_attempts(policy.sha256, identity, rest), judge.cache_identities, unknown_keys
+        )
+        exhausted = {k for k, (v, attempts) in final.items() if v.compliant is None and attempts >= max_unknown_attempts}
+        stats["unknown_retryable"] = sum(
+            1 for it, v in zip(items, verdicts) if v.compliant is None and item_key(it) not in exhausted
+        )
     stats["unknown"] = sum(v.compliant is None for v in verdicts)
+    # A judge that is not cached answers the same again (the annotations judge): nothing to retry.
+    stats.setdefault("unknown_retryable", 0)
     return verdicts, stats
 
 
@@ -253,12 +359,13 @@ def correct_with_cache(
 ) -> tuple[list[str | None], dict[str, int]]:
     """Oracle corrections for ``items`` (PUNISH pairs: prompt and violating response), cached like
     verdicts under the judge's correction identity. Stats: {hits, misses, requests, failed}."""
-    identity = judge.correction_identity
     corrections, stats = _with_cache(
         items,
-        lambda keys: cache.get_corrections(policy.sha256, identity, keys),
+        lambda keys: _lookup_any(
+            lambda identity, rest: cache.get_corrections(policy.sha256, identity, rest), judge.correction_cache_identities, keys
+        ),
         lambda batch, cb: judge.correct(batch, policy, on_result=cb),
-        lambda entries: cache.put_corrections(policy.sha256, identity, entries),
+        lambda entries: cache.put_corrections(policy.sha256, judge.correction_identity, entries),
         progress,
     )
     stats["failed"] = sum(c is None for c in corrections)

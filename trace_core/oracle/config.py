@@ -19,11 +19,29 @@ from trace_core.oracle.base import (
 )
 
 
+INPUT_FILE = {"input_file": True}
+"""Marks a setting that names a file or folder a stage reads (``json_schema_extra``): the pipeline
+keys every stage that reads it on the content, not the path (``trace_core.config.input_files``).
+The data file, the policy and the model have their own content keys (data, policy and model
+sha256)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _Templates(_Strict):
+class _Judge(_Strict):
+    """Settings every judge has."""
+
+    max_unknown_share: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="a run stops when more than this share of verdicts is unknown (0.05 = 5%); 1 disables the check",
+    )
+
+
+class _Templates(_Judge):
     """Chat templates shared by the LLM judges (placeholders: {policy}; {prompt}, {response})."""
 
     system_template: str = DEFAULT_SYSTEM_TEMPLATE
@@ -32,6 +50,17 @@ class _Templates(_Strict):
     temperature: float = Field(0.3, ge=0.0, description="sampling temperature for corrections")
     max_correction_tokens: int = Field(512, ge=1)
     seed: int | None = 0
+    policy_placement: Literal["auto", "system", "user"] = Field(
+        "auto",
+        description="system: the policy is the system message; user: it opens the user message (for chat "
+        "templates without a system role, e.g. Gemma's); auto: system, falling back to user once when the "
+        "template or server refuses a system message",
+    )
+    max_unknown_attempts: int = Field(
+        3,
+        ge=1,
+        description="a cached unknown verdict is asked again on later runs until it was unknown this many times",
+    )
 
 
 class OpenAIJudgeConfig(_Templates):
@@ -57,14 +86,20 @@ class OpenAIJudgeConfig(_Templates):
     )
     logprobs: bool = True
     top_logprobs: int = Field(5, ge=1, le=20)
-    max_answer_tokens: int = Field(1, ge=1)
+    max_answer_tokens: int = Field(
+        1,
+        ge=1,
+        description="completion tokens per verdict; 1 reads the first answer token. A reasoning judge (one that "
+        "thinks in <think>...</think> or a reasoning field before answering) needs room for its reasoning and "
+        "the answer: raise this to e.g. 2048, or its answers are cut inside the reasoning and come back unknown",
+    )
 
 
 class TransformersJudgeConfig(_Templates):
     """A local causal LM through transformers (CPU or GPU)."""
 
     backend: Literal["transformers"]
-    model_path: str
+    model_path: str = Field(description="the judge model folder", json_schema_extra=INPUT_FILE)
     batch_size: int = Field(8, ge=1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -75,7 +110,7 @@ class VLLMJudgeConfig(_Templates):
     """Offline vllm.LLM on a GPU."""
 
     backend: Literal["vllm"]
-    model: str
+    model: str = Field(description="a model folder (or a hub name vLLM may load)", json_schema_extra=INPUT_FILE)
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=1)
@@ -85,7 +120,7 @@ class VLLMJudgeConfig(_Templates):
     enforce_eager: bool = False
 
 
-class AnnotationsJudgeConfig(_Strict):
+class AnnotationsJudgeConfig(_Judge):
     """Compliance from data-set annotations under the policy's front-matter rules."""
 
     backend: Literal["annotations"]

@@ -16,25 +16,27 @@ from trace_core.oracle.config import (
 )
 
 
-def make_judge(config: dict[str, Any] | BaseModel) -> Judge:
+def make_judge(config: dict[str, Any] | BaseModel, where: str = "judge") -> Judge:
     """Validate ``config`` (ConfigError naming a bad setting) and build its backend's judge.
 
+    ``where`` names the config section in messages: "oracle" for the pipeline's judge,
+    "evaluation.judge" for its evaluation judge, so an error says which setting to change.
     Backend modules are imported here, on demand, so that an openai-only user never imports
     torch and nobody imports vllm unless they ask for it.
     """
-    cfg = parse_judge_config(config)
+    cfg = parse_judge_config(config, where)
     if isinstance(cfg, OpenAIJudgeConfig):
         from trace_core.oracle.openai_backend import OpenAIJudge
 
-        return OpenAIJudge(cfg)
+        return OpenAIJudge(cfg, where)
     if isinstance(cfg, TransformersJudgeConfig):
         from trace_core.oracle.transformers_backend import TransformersJudge
 
-        return TransformersJudge(cfg)
+        return TransformersJudge(cfg, where)
     if isinstance(cfg, VLLMJudgeConfig):
         from trace_core.oracle.vllm_backend import VLLMJudge
 
-        return VLLMJudge(cfg)
+        return VLLMJudge(cfg, where)
     assert isinstance(cfg, AnnotationsJudgeConfig)
     from trace_core.oracle.annotations import AnnotationsJudge
 

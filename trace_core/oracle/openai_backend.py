@@ -15,11 +15,22 @@ Failures, and what becomes of them:
   unknown verdict, also transient: such errors usually come from the server or the settings, and a
   rerun after fixing them should ask again rather than replay a cached failure.
 * A completion whose text is not Yes/No (or fails the JSON schema) is an answer: unknown with the
-  reason, cached as final, so a garbage answer is not paid for twice.
+  reason, cached with its attempt count; the verdict cache asks it again on later runs up to
+  ``max_unknown_attempts`` times (see ``cache``).
+* A 400/422 saying the chat template refuses a system message ("System role not supported",
+  "Conversation roles must alternate"): with ``policy_placement: auto`` the judge switches to the
+  user placement once (said once in the log, remembered for this server and model for the rest of
+  the process) and asks those requests again; with ``system`` it is one TraceError naming the
+  setting.
 * Problems that affect every request end the run with one TraceError naming the URL: 401/403 (the
   key), 404 (model or endpoint), a connection error before any request has succeeded (unreachable
   base URL), and ``max_consecutive_failures`` failed requests in a row (the server went away).
   Answers already received were handed to ``on_result`` and stay cached.
+
+Answers are read as :func:`~trace_core.oracle.base.verdict_from_answer` describes: the final answer
+after a reasoning block, content given as a list of parts, and (when the content is empty) a
+reasoning field (``reasoning_content`` / ``reasoning``, as vLLM's reasoning parsers return) that
+ends with a Yes or No line.
 
 The API key is read from the environment variable ``api_key_env`` names; it is kept only inside the
 client, and scrubbed from any server message quoted in an error.
@@ -32,6 +43,8 @@ import email.utils
 import logging
 import os
 import random
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +54,18 @@ import httpx2
 import openai
 
 from trace_core.errors import ConfigError, TraceError
-from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, clip, token_word, verdict_from_answer
+from trace_core.oracle.base import (
+    ANSWERS,
+    JudgeItem,
+    LLMJudge,
+    OnResult,
+    Verdict,
+    answer_token_top,
+    clip,
+    split_reasoning,
+    verdict_from_answer,
+    warn_once,
+)
 from trace_core.oracle.config import OpenAIJudgeConfig
 from trace_core.policy import Policy
 
@@ -49,6 +73,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _RETRY_STATUS = {408, 409, 425, 429}
+# What servers say when the chat template refuses a system message (vLLM, TGI, transformers serve
+# quote the template's raise_exception text: Gemma's, Mistral's and Llama 2's).
+_SYSTEM_REFUSAL = re.compile(
+    r"system[ _-]?(role|message|prompt)s?\b[^.]{0,40}?\bnot (supported|allowed|permitted)"
+    r"|roles must alternate|(does not|doesn't) support (a |the )?system",
+    re.IGNORECASE,
+)
+# (base_url, model) pairs whose server refused a system message in this process: later judges for
+# them start with the user placement ("auto"), so a run switches once, not once per shard.
+_SYSTEM_REFUSED: set[tuple[str, str]] = set()
+_SYSTEM_REFUSED_LOCK = threading.Lock()
 _JSON_SCHEMA = {
     "type": "json_schema",
     "json_schema": {
@@ -138,19 +173,27 @@ class OpenAIJudge(LLMJudge):
     backend = "openai"
     config: OpenAIJudgeConfig
 
-    def __init__(self, config: OpenAIJudgeConfig):
-        super().__init__(config)
-        self._api_key = self._read_api_key(config.api_key_env)
+    def __init__(self, config: OpenAIJudgeConfig, where: str = "judge"):
+        super().__init__(config, where)
+        self._api_key = self._read_api_key(config.api_key_env, where)
         self.requests_sent = 0  # HTTP requests, retries included, over this judge's lifetime
+        self._max_tokens = self._judge_params()["max_tokens"]
+        if config.policy_placement == "auto":
+            with _SYSTEM_REFUSED_LOCK:
+                if (config.base_url, config.model) in _SYSTEM_REFUSED:
+                    self.templates.placement = "user"
 
     @staticmethod
-    def _read_api_key(env: str | None) -> str:
+    def _read_api_key(env: str | None, where: str = "judge") -> str:
         if env is None:
             # Local servers without auth still need a non-empty bearer value for the client.
             return "EMPTY"
         key = os.environ.get(env)
         if not key:
-            raise ConfigError(f"judge.api_key_env: environment variable {env} is not set (it should hold the API key)")
+            raise ConfigError(
+                f"{where}.api_key_env: environment variable {env} is not set (it should hold the API key); "
+                f"for a local server without auth set {where}.api_key_env: null"
+            )
         return key
 
     @property
@@ -163,6 +206,21 @@ class OpenAIJudge(LLMJudge):
 
     def __repr__(self) -> str:
         return f"OpenAIJudge({self.identity}, base_url={self.config.base_url!r})"
+
+    def _other_placement(self) -> tuple[str, ...]:
+        if self.config.policy_placement != "auto":
+            return ()
+        return ("user",) if self.placement == "system" else ("system",)
+
+    @property
+    def cache_identities(self) -> tuple[str, ...]:
+        """With "auto" the placement is learnt from the server, so verdicts cached under either
+        placement are this judge's answers: a run after the switch does not ask them again."""
+        return (self.identity, *(self.identity_for(p) for p in self._other_placement()))
+
+    @property
+    def correction_cache_identities(self) -> tuple[str, ...]:
+        return (self.correction_identity, *(self.correction_identity_for(p) for p in self._other_placement()))
 
     # -- request parameters -------------------------------------------------------------------
 
@@ -189,16 +247,19 @@ class OpenAIJudge(LLMJudge):
 
     # -- answers ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _verdict(completion: dict[str, Any]) -> Verdict:
+    def _verdict(self, completion: dict[str, Any]) -> Verdict:
         choice = completion["choices"][0]
         message = choice.get("message") or {}
         if message.get("refusal"):
             return Verdict.unknown(f"the judge refused: {message['refusal']}", raw=str(message["refusal"]))
-        text = message.get("content") or ""
+        text, part_reasoning = content_text(message.get("content"))
+        # vLLM's reasoning parsers: reasoning_content (older), reasoning (newer; some versions send both).
+        reasoning = _string(message.get("reasoning_content")) or _string(message.get("reasoning")) or part_reasoning
         if choice.get("finish_reason") == "content_filter":
             return Verdict.unknown("the API's content filter stopped the answer", raw=text)
-        return verdict_from_answer(text, _answer_top_logprobs(choice.get("logprobs")))
+        cut_at = self._max_tokens if choice.get("finish_reason") == "length" else None
+        top = _answer_top_logprobs(choice.get("logprobs"), text, bool(reasoning.strip()))
+        return verdict_from_answer(text, top, reasoning=reasoning, cut_at=cut_at, setting=self.where)
 
     @staticmethod
     def _correction(completion: dict[str, Any]) -> str | None:
@@ -206,16 +267,17 @@ class OpenAIJudge(LLMJudge):
         message = choice.get("message") or {}
         if message.get("refusal") or choice.get("finish_reason") == "content_filter":
             return None
-        text = (message.get("content") or "").strip()
-        return text or None
+        text, _ = content_text(message.get("content"))
+        answer, _ = split_reasoning(text)  # a reasoning model's rewrite follows its reasoning
+        return (answer or "").strip() or None
 
     # -- public API ---------------------------------------------------------------------------
 
     def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
         """One verdict per item, asked concurrently; ``on_result`` sees each as it arrives."""
-        chats = [self.templates.judge_messages(item, policy) for item in items]
         return self._run(
-            chats,
+            items,
+            lambda item: self.templates.judge_messages(item, policy),
             self._judge_params(),
             self._verdict,
             lambda reason: Verdict.unknown(reason, transient=True),
@@ -224,36 +286,45 @@ class OpenAIJudge(LLMJudge):
 
     def correct(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[str | None]:
         """A compliant rewrite per item (sampled at ``temperature``); None where the request failed."""
-        chats = [self.templates.correction_messages(item, policy) for item in items]
-        return self._run(chats, self._correction_params(), self._correction, lambda reason: None, on_result)
+        return self._run(
+            items,
+            lambda item: self.templates.correction_messages(item, policy),
+            self._correction_params(),
+            self._correction,
+            lambda reason: None,
+            on_result,
+        )
 
     # -- machinery ----------------------------------------------------------------------------
 
     def _run(
         self,
-        chats: list[list[dict[str, str]]],
+        items: Sequence[JudgeItem],
+        chat: Callable[[JudgeItem], list[dict[str, str]]],
         params: dict[str, Any],
         read: Callable[[Any], T],
         failed: Callable[[str], T],
         on_result: OnResult | None,
     ) -> list[T]:
-        if not chats:
+        """``chat(item)`` renders an item's messages; it is called per attempt, so a request asked
+        again after a placement switch is rendered with the new placement."""
+        if not items:
             return []
-        results: dict[int, T] = run_coroutine(lambda: self._run_async(chats, params, read, failed, on_result))
-        return [results[i] for i in range(len(chats))]
+        results: dict[int, T] = run_coroutine(lambda: self._run_async(items, chat, params, read, failed, on_result))
+        return [results[i] for i in range(len(items))]
 
-    async def _run_async(self, chats, params, read, failed, on_result) -> dict[int, Any]:
+    async def _run_async(self, items, chat, params, read, failed, on_result) -> dict[int, Any]:
         c = self.config
         limit = c.max_consecutive_failures or max(8, 2 * c.max_concurrency)
         breaker = _Breaker(c.base_url, limit)
         results: dict[int, Any] = {}
-        pending = iter(enumerate(chats))  # shared by the workers; safe on one event loop
+        pending = iter(enumerate(items))  # shared by the workers; safe on one event loop
 
         client = openai.AsyncOpenAI(api_key=self._api_key, base_url=c.base_url, max_retries=0, timeout=c.timeout_s)
 
         async def worker() -> None:
-            for index, messages in pending:
-                value = await self._request(client, messages, params, read, failed, breaker)
+            for index, item in pending:
+                value = await self._request(client, lambda: chat(item), params, read, failed, breaker)
                 results[index] = value
                 if on_result is not None:
                     on_result(index, value)
@@ -261,7 +332,7 @@ class OpenAIJudge(LLMJudge):
         try:
             async with client:
                 async with asyncio.TaskGroup() as group:
-                    for _ in range(min(c.max_concurrency, len(chats))):
+                    for _ in range(min(c.max_concurrency, len(items))):
                         group.create_task(worker())
         except BaseExceptionGroup as group_error:
             # A fatal TraceError in one worker cancels the others; report it, not the group.
@@ -271,10 +342,12 @@ class OpenAIJudge(LLMJudge):
             raise
         return results
 
-    async def _request(self, client, messages, params, read, failed, breaker: _Breaker):
+    async def _request(self, client, render, params, read, failed, breaker: _Breaker):
         c = self.config
         attempt = 0
         while True:
+            placement = self.placement
+            messages = render()
             self.requests_sent += 1
             try:
                 # The client's documented raw-endpoint call: same auth, timeout and error types as
@@ -293,6 +366,9 @@ class OpenAIJudge(LLMJudge):
                 ) from None
             except (openai.APIConnectionError, openai.APIStatusError) as exc:
                 status = getattr(exc, "status_code", None)
+                if placement == "system" and status in (400, 422) and _SYSTEM_REFUSAL.search(str(exc)):
+                    self._system_refused(exc)  # raises, or switches to the user placement
+                    continue
                 retryable = status is None or status in _RETRY_STATUS or status >= 500
                 what = self._describe(exc, attempt + 1)
                 if retryable and attempt < c.max_retries:
@@ -311,8 +387,36 @@ class OpenAIJudge(LLMJudge):
                 what = f"malformed response from the server ({type(exc).__name__}: {clip(response.text)!r})"
                 breaker.failure(exc, what)
                 return failed(what)
+            if self.placement != placement:
+                # The placement switched while this request was in flight: ask again, so that every
+                # answer handed over was asked under the placement the judge's identity names.
+                continue
             breaker.success()
             return value
+
+    def _system_refused(self, exc: openai.APIStatusError) -> None:
+        """The server's chat template refused a system message: a TraceError with placement
+        "system"; with "auto", switch to the user placement (once, said once in the log)."""
+        c = self.config
+        what = f"HTTP {exc.status_code}: {self._scrub(exc)}"
+        if c.policy_placement == "system":
+            raise TraceError(
+                f"judge at {c.base_url}: model {c.model!r} refuses a system message ({what}); "
+                f"set {self.where}.policy_placement: user (or auto) to put the policy in the user message"
+            )
+        if self.placement == "system":
+            self.templates.placement = "user"
+            with _SYSTEM_REFUSED_LOCK:
+                _SYSTEM_REFUSED.add((c.base_url, c.model))
+            warn_once(
+                f"placement:{c.base_url}:{c.model}",
+                "judge at %s: model %r refuses a system message (%s); the policy goes at the start of the user "
+                "message from now on (%s.policy_placement: user)",
+                c.base_url,
+                c.model,
+                what,
+                self.where,
+            )
 
     def _describe(self, exc: BaseException, attempts: int) -> str:
         c = self.config
@@ -331,11 +435,47 @@ class OpenAIJudge(LLMJudge):
         return text[:300] or type(exc).__name__
 
 
-def _answer_top_logprobs(logprobs: dict[str, Any] | None) -> list[tuple[str, float]]:
-    """(token, logprob) candidates for the answer token: the top_logprobs of the first generated
-    token that reads as Yes or No (the first token in plain mode, later ones inside JSON)."""
-    for entry in (logprobs or {}).get("content") or []:
-        if token_word(entry.get("token", "")) in ("yes", "no"):
-            top = [(t.get("token", ""), t.get("logprob")) for t in entry.get("top_logprobs") or []]
-            return top or [(entry["token"], entry.get("logprob"))]
-    return []
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def content_text(content: Any) -> tuple[str, str]:
+    """(text, reasoning) of a chat message's ``content``: a string, None, or a list of parts.
+
+    Parts of type "text" / "output_text" (or bare strings) make the text; parts of type "thinking" /
+    "reasoning" (Mistral's reasoning models) the reasoning. Other parts are ignored. A content of
+    any other shape is a TypeError (read as a malformed response).
+    """
+    if content is None:
+        return "", ""
+    if isinstance(content, str):
+        return content, ""
+    if not isinstance(content, list):
+        raise TypeError(f"message content is a {type(content).__name__}")
+    text: list[str] = []
+    reasoning: list[str] = []
+    for part in content:
+        if isinstance(part, str):
+            text.append(part)
+        elif isinstance(part, dict) and part.get("type") in ("text", "output_text"):
+            text.append(_string(part.get("text")))
+        elif isinstance(part, dict) and part.get("type") in ("thinking", "reasoning"):
+            inner = next((part[k] for k in ("thinking", "reasoning", "text") if k in part), "")
+            reasoning.append(content_text(inner)[0] if isinstance(inner, list) else _string(inner))
+    return "".join(text), "\n".join(r for r in reasoning if r)
+
+
+def _answer_top_logprobs(logprobs: dict[str, Any] | None, text: str = "", reasoned: bool = False) -> list[tuple[str, float]]:
+    """(token, logprob) candidates for the answer token of a chat completion's ``logprobs``: the
+    first generated token that reads as Yes or No after any reasoning block (the first token in
+    plain mode, later ones inside JSON or after ``</think>``); see
+    :func:`~trace_core.oracle.base.answer_token_top`."""
+    steps = [
+        (
+            entry.get("token") or "",
+            entry.get("logprob"),
+            [(t.get("token") or "", t.get("logprob")) for t in entry.get("top_logprobs") or []],
+        )
+        for entry in (logprobs or {}).get("content") or []
+    ]
+    return answer_token_top(steps, text, reasoned)

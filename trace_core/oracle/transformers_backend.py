@@ -1,9 +1,14 @@
 """The transformers judge: any local causal LM, on CPU or GPU.
 
-For each item the judge chat (policy as system message, the question as user message) is rendered
-with the tokenizer's chat template and generation prompt. One forward pass per batch (left padding,
-explicit position ids so a padded row sees the same positions as it would alone) gives the
-next-token logits; of those only the first tokens of the two answers matter:
+For each item the judge chat (policy as system message, the question as user message; or both in
+the user message, ``policy_placement``) is rendered with the tokenizer's chat template and
+generation prompt. The placement is decided once, at construction: with "auto", a template that
+refuses a system message (Gemma's raises "System role not supported") gets the policy in the user
+message, said once in the log; any other template failure is one TraceError naming the model.
+
+One forward pass per batch (left padding, explicit position ids so a padded row sees the same
+positions as it would alone) gives the next-token logits; of those only the first tokens of the
+two answers matter:
 
     p_yes = exp(l_yes) / (exp(l_yes) + exp(l_no)),  p_no = 1 - p_yes
     compliant = p_no >= 0.5,  confidence = max(p_yes, p_no)
@@ -21,11 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trace_core.errors import ConfigError, TraceError
-from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict
+from trace_core.errors import ConfigError, DataError, TraceError
+from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, choose_placement, one_line, template_errors
 from trace_core.oracle.config import TransformersJudgeConfig
 from trace_core.policy import Policy
-from trace_core.tokenization import left_pad, length_batches
+from trace_core.tokenization import encode_chat, left_pad, length_batches
 
 _MAX_SANE_CONTEXT = 1_000_000  # tokenizers without a limit report ~1e30
 
@@ -54,23 +59,28 @@ class TransformersJudge(LLMJudge):
     backend = "transformers"
     config: TransformersJudgeConfig
 
-    def __init__(self, config: TransformersJudgeConfig):
+    def __init__(self, config: TransformersJudgeConfig, where: str = "judge"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        super().__init__(config)
-        self.device = self._pick_device(config.device, torch)
+        super().__init__(config, where)
+        self.device = self._pick_device(config.device, torch, where)
         dtype = self._pick_dtype(config.dtype, self.device, torch)
         src = config.model_path
         if os.path.sep in src and not Path(src).exists():
-            raise TraceError(f"{src}: judge model folder not found (judge.model_path)")
+            raise TraceError(f"{src}: judge model folder not found ({where}.model_path)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(src)
-            self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise TraceError(f"{src}: cannot load the judge model: {str(exc).splitlines()[0]}") from None
+            raise TraceError(f"{src}: cannot load the judge model: {one_line(exc, 200)}") from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise TraceError(f"{src}: the judge model's tokenizer has no chat template")
+        # Decided before the weights load, so a template that fails costs no loading time.
+        self.templates.placement = choose_placement(self._apply_template, config.policy_placement, src, where)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise TraceError(f"{src}: cannot load the judge model: {one_line(exc, 200)}") from None
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -83,10 +93,10 @@ class TransformersJudge(LLMJudge):
     # -- set-up -------------------------------------------------------------------------------
 
     @staticmethod
-    def _pick_device(device: str, torch: Any) -> str:
+    def _pick_device(device: str, torch: Any, where: str = "judge") -> str:
         if device != "auto":
             if device.startswith("cuda") and not torch.cuda.is_available():
-                raise ConfigError(f"judge.device: {device!r} asked for but no CUDA GPU is available")
+                raise ConfigError(f"{where}.device: {device!r} asked for but no CUDA GPU is available")
             return device
         if torch.cuda.is_available():
             return "cuda"
@@ -102,8 +112,14 @@ class TransformersJudge(LLMJudge):
             return torch.bfloat16
         return torch.float32
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def _apply_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self._apply_template(messages)
+        except template_errors() as exc:
+            raise TraceError(f"{self.config.model_path}: the judge model's chat template fails: {one_line(exc, 200)}") from None
 
     def _answer_token_ids(self) -> tuple[int, int]:
         """The first token of each answer as the model would emit it right after the generation
@@ -138,8 +154,20 @@ class TransformersJudge(LLMJudge):
 
     # -- judging ------------------------------------------------------------------------------
 
-    def _encode(self, chats: list[list[dict[str, str]]]) -> list[list[int]]:
-        return [self.tokenizer(self._render(m), add_special_tokens=False).input_ids for m in chats]
+    def _encode(self, chats: list[list[dict[str, str]]]) -> list[list[int] | str]:
+        """Token ids per chat (:func:`~trace_core.tokenization.encode_chat`: the judged text stays
+        text, it cannot forge a turn of the judge chat), or why a chat cannot be encoded."""
+        out: list[list[int] | str] = []
+        for messages in chats:
+            self._render(messages)  # a template failure is one line naming the model
+            try:
+                out.append(encode_chat(self.tokenizer, messages))
+            except DataError as exc:
+                out.append(f"judge input cannot be encoded: {exc}")
+        return out
+
+    def _fits(self, encoded: list[int] | str) -> bool:
+        return not isinstance(encoded, str) and len(encoded) <= self.max_input_tokens
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         return length_batches(lengths, self.config.batch_size)
@@ -149,14 +177,15 @@ class TransformersJudge(LLMJudge):
 
     def answer_probabilities(
         self, items: Sequence[JudgeItem], policy: Policy, on_batch: Any = None
-    ) -> list[tuple[float, float] | None]:
+    ) -> list[tuple[float, float] | str | None]:
         """(p_yes, p_no) per item, normalised over the two answer tokens; None for inputs longer
-        than ``max_input_tokens``. ``on_batch(indices, probs)`` is called after each batch."""
+        than ``max_input_tokens``, the reason for inputs that cannot be encoded.
+        ``on_batch(indices, probs)`` is called after each batch."""
         import torch
 
         encoded = self._encode([self.templates.judge_messages(it, policy) for it in items])
-        out: list[tuple[float, float] | None] = [None] * len(items)
-        fits = [i for i, e in enumerate(encoded) if len(e) <= self.max_input_tokens]
+        out: list[tuple[float, float] | str | None] = [e if isinstance(e, str) else None for e in encoded]
+        fits = [i for i, e in enumerate(encoded) if self._fits(e)]
         for batch in self._batches([len(encoded[i]) for i in fits]):
             idx = [fits[b] for b in batch]
             ids, mask = self._left_pad([encoded[i] for i in idx])
@@ -171,9 +200,11 @@ class TransformersJudge(LLMJudge):
                 on_batch(idx, [out[i] for i in idx])
         return out
 
-    def _verdict(self, probs: tuple[float, float] | None) -> Verdict:
+    def _verdict(self, probs: tuple[float, float] | str | None) -> Verdict:
         if probs is None:
             return Verdict.unknown(f"judge input is longer than max_input_tokens={self.max_input_tokens}")
+        if isinstance(probs, str):
+            return Verdict.unknown(probs)
         p_yes, p_no = probs
         compliant = p_no >= 0.5
         return Verdict(compliant=compliant, confidence=max(p_yes, p_no), raw=ANSWERS[1] if compliant else ANSWERS[0])
@@ -188,7 +219,7 @@ class TransformersJudge(LLMJudge):
         verdicts = [self._verdict(p) for p in probs]
         if on_result is not None:
             for i, (p, v) in enumerate(zip(probs, verdicts)):
-                if p is None:
+                if p is None or isinstance(p, str):
                     on_result(i, v)
         return verdicts
 
@@ -202,7 +233,7 @@ class TransformersJudge(LLMJudge):
         c = self.config
         encoded = self._encode([self.templates.correction_messages(it, policy) for it in items])
         out: list[str | None] = [None] * len(items)
-        fits = [i for i, e in enumerate(encoded) if len(e) <= self.max_input_tokens]
+        fits = [i for i, e in enumerate(encoded) if self._fits(e)]
         sampling = {"do_sample": True, "temperature": c.temperature} if c.temperature > 0 else {"do_sample": False}
         # fork_rng: the seed makes corrections reproducible without touching the caller's RNG state.
         devices = [torch.device(self.device)] if self.device.startswith("cuda") else []

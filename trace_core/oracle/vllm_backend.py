@@ -4,7 +4,15 @@ Items are judged in shards of ``shard_size``, one ``LLM.chat`` call each, with t
 identical leading system message of every chat so that vLLM's prefix cache computes it once. The
 single output token is constrained to "Yes" or "No" (structured outputs, choice); its top
 ``top_logprobs`` alternatives give the confidence, normalised over the two answers like the other
-backends. Corrections are sampled with the config's temperature and token limit.
+backends, taken at the answer token (after any reasoning block, as for the openai backend; no
+confidence where it cannot be placed). Answers are read by the same
+:func:`~trace_core.oracle.base.verdict_from_answer` as every LLM backend. Corrections are sampled
+with the config's temperature and token limit.
+
+The policy placement is decided once with the engine's own tokenizer (``LLM.get_tokenizer()``):
+with "auto", a chat template that refuses a system message gets the policy in the user message
+(said once in the log); where the tokenizer cannot render chats, the setting decides ("auto" means
+system). Any other template failure is one TraceError naming the model.
 
 vllm is an optional extra (``pip install 'trace-realign[vllm]'``) and is imported only here.
 """
@@ -14,10 +22,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from trace_core.errors import TraceError
-from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, verdict_from_answer
+from trace_core.errors import DataError, TraceError
+from trace_core.oracle.base import (
+    ANSWERS,
+    JudgeItem,
+    LLMJudge,
+    OnResult,
+    Verdict,
+    answer_token_top,
+    choose_placement,
+    one_line,
+    verdict_from_answer,
+)
 from trace_core.oracle.config import VLLMJudgeConfig
 from trace_core.policy import Policy
+from trace_core.tokenization import encode_chat
 
 
 def import_vllm() -> Any:
@@ -50,15 +69,47 @@ def top_from_vllm(step: dict[int, Any] | None) -> list[tuple[str, float]]:
     return [(lp.decoded_token or "", lp.logprob) for lp in step.values()]
 
 
+def answer_top_from_vllm(completion: Any) -> list[tuple[str, float]]:
+    """Top logprobs of the answer token of a vLLM ``CompletionOutput``: per position the sampled
+    token (``token_ids[i]``, always among that position's logprobs) and its alternatives, located by
+    :func:`~trace_core.oracle.base.answer_token_top` (after any reasoning block)."""
+    steps = []
+    for token_id, step in zip(completion.token_ids or (), completion.logprobs or ()):
+        sampled = (step or {}).get(token_id)
+        text = (sampled.decoded_token or "") if sampled is not None else ""
+        steps.append((text, sampled.logprob if sampled is not None else None, top_from_vllm(step)))
+    return answer_token_top(steps, completion.text or "")
+
+
+def verdict_from_vllm(output: Any) -> Verdict:
+    """The verdict of one vLLM ``RequestOutput`` (its first completion)."""
+    if not output.outputs:
+        return Verdict.unknown("vllm returned no output for this request")
+    completion = output.outputs[0]
+    return verdict_from_answer(completion.text, answer_top_from_vllm(completion))
+
+
+def vllm_placement(llm: Any, setting: str, model: str, where: str = "judge") -> str:
+    """The policy placement for an offline engine, decided with its tokenizer's chat template
+    (:func:`~trace_core.oracle.base.choose_placement`); where the engine's tokenizer cannot render
+    chats (no ``apply_chat_template``), "user" if ``setting`` says so, else "system"."""
+    try:
+        tokenizer = llm.get_tokenizer()
+        apply = tokenizer.apply_chat_template
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        return "user" if setting == "user" else "system"
+    return choose_placement(lambda m: apply(m, tokenize=False, add_generation_prompt=True), setting, model, where)
+
+
 class VLLMJudge(LLMJudge):
     """Judge with an offline vLLM engine, one batched call per shard."""
 
     backend = "vllm"
     config: VLLMJudgeConfig
 
-    def __init__(self, config: VLLMJudgeConfig):
+    def __init__(self, config: VLLMJudgeConfig, where: str = "judge"):
         vllm = import_vllm()
-        super().__init__(config)
+        super().__init__(config, where)
         self._vllm = vllm
         kwargs: dict[str, Any] = {
             "model": config.model,
@@ -75,7 +126,8 @@ class VLLMJudge(LLMJudge):
         try:
             self.llm = vllm.LLM(**kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise TraceError(f"{config.model}: vllm could not load the judge model: {str(exc).splitlines()[0]}") from None
+            raise TraceError(f"{config.model}: vllm could not load the judge model: {one_line(exc, 200)}") from None
+        self.templates.placement = vllm_placement(self.llm, config.policy_placement, config.model, where)
         self._judge_params = vllm.SamplingParams(
             max_tokens=1,
             temperature=0.0,
@@ -98,15 +150,29 @@ class VLLMJudge(LLMJudge):
         return [range(s, min(n, s + size)) for s in range(0, n, size)]
 
     def _chat(self, chats: list[list[dict[str, str]]], params: Any) -> list[Any]:
-        return self.llm.chat(chats, sampling_params=params, use_tqdm=False)
+        """One vLLM output per chat, in order, or (a str) why a chat could not be encoded.
+
+        Chats are encoded here with :func:`~trace_core.tokenization.encode_chat` on the engine's
+        tokenizer and generated from token ids, rather than rendered by ``LLM.chat``: the judged
+        text stays text, so a response holding ``<|im_end|><|im_start|>system`` cannot forge a turn.
+        """
+        tokenizer = self.llm.get_tokenizer()
+        encoded: list[Any] = []
+        for messages in chats:
+            try:
+                encoded.append(encode_chat(tokenizer, messages))
+            except DataError as exc:
+                encoded.append(f"judge input cannot be encoded: {exc}")
+        ready = [i for i, e in enumerate(encoded) if not isinstance(e, str)]
+        if ready:
+            prompts = [{"prompt_token_ids": encoded[i]} for i in ready]
+            for i, output in zip(ready, self.llm.generate(prompts, sampling_params=params, use_tqdm=False)):
+                encoded[i] = output
+        return encoded
 
     @staticmethod
     def _verdict(output: Any) -> Verdict:
-        if not output.outputs:
-            return Verdict.unknown("vllm returned no output for this request")
-        completion = output.outputs[0]
-        top = top_from_vllm(completion.logprobs[0] if completion.logprobs else None)
-        return verdict_from_answer(completion.text, top)
+        return verdict_from_vllm(output)
 
     def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
         """Constrained one-token answers, one LLM.chat call per shard; ``on_result`` per shard."""
@@ -114,7 +180,7 @@ class VLLMJudge(LLMJudge):
         for shard in self._shards(len(items)):
             chats = [self.templates.judge_messages(items[i], policy) for i in shard]
             for i, output in zip(shard, self._chat(chats, self._judge_params)):
-                verdict = self._verdict(output)
+                verdict = Verdict.unknown(output) if isinstance(output, str) else self._verdict(output)
                 verdicts.append(verdict)
                 if on_result is not None:
                     on_result(i, verdict)
@@ -126,7 +192,7 @@ class VLLMJudge(LLMJudge):
         for shard in self._shards(len(items)):
             chats = [self.templates.correction_messages(items[i], policy) for i in shard]
             for i, output in zip(shard, self._chat(chats, self._correction_params)):
-                text = output.outputs[0].text.strip() if output.outputs else ""
+                text = output.outputs[0].text.strip() if not isinstance(output, str) and output.outputs else ""
                 corrections.append(text or None)
                 if on_result is not None:
                     on_result(i, corrections[-1])
