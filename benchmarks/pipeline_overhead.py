@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 WORK = Path(tempfile.mkdtemp(prefix="trace-overhead-"))
 
 os.chdir(ROOT)
-from flows.cli import prefect_environment  # noqa: E402
+from flows.settings import prefect_environment  # noqa: E402
 
 os.environ.update(prefect_environment(WORK))
 

@@ -18,35 +18,9 @@ import os
 import sys
 from pathlib import Path
 
+from flows.settings import SERVER_STARTUP_SETTING, prefect_environment
+
 EXIT_USER_ERROR = 2
-
-SERVER_STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-SERVER_STARTUP_SECONDS = "120"
-"""How long a run waits for Prefect's local server to answer. Prefect's own default, 20 s, is
-exceeded on a busy 2-core machine, where the server's start alone can take that long."""
-
-
-def prefect_environment(workdir: str | Path, verbose: bool = False) -> dict[str, str]:
-    """Prefect's home, result storage and telemetry settings, all inside the working folder.
-
-    Unless ``verbose``, Prefect's and MLflow's run logs are off: the CLI prints its own progress,
-    summary and one-line errors, which those logs would only repeat with tracebacks.
-    """
-    home = Path(workdir).resolve() / "prefect"
-    (home / "results").mkdir(parents=True, exist_ok=True)
-    return {
-        "PREFECT_HOME": str(home),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "INFO" if verbose else "CRITICAL",
-        "MLFLOW_LOGGING_LEVEL": "INFO" if verbose else "WARNING",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        SERVER_STARTUP_SETTING: os.environ.get(SERVER_STARTUP_SETTING, SERVER_STARTUP_SECONDS),
-    }
-
 
 def _quiet_libraries() -> None:
     """Prefect logs a failed task's traceback and the libraries chat on stderr; the CLI reports
@@ -98,14 +72,21 @@ def _print_summary(manifest: dict) -> None:
 
 def cmd_run(args) -> int:
     from trace_core.config import load_config
-    from trace_core.errors import TraceError
 
     cfg = load_config(args.config, args.set)
-    os.environ.update(prefect_environment(cfg.run.workdir, args.verbose))
     from flows.preflight import preflight
+    from flows.workdir import workdir_lock
 
     preflight(cfg)
+    # The lock comes first: Prefect's local server keeps its database in the working folder.
+    with workdir_lock(cfg.run.workdir, f"trace-realign run {cfg.run.name!r}"):
+        os.environ.update(prefect_environment(cfg.run.workdir, args.verbose))
+        return _run_locked(cfg, args)
+
+
+def _run_locked(cfg, args) -> int:
     from trace_core.assets import KNOWN_MODELS, is_prepared
+    from trace_core.errors import TraceError
 
     if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
         print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", flush=True)
@@ -113,7 +94,9 @@ def cmd_run(args) -> int:
     from flows.realign import realign
 
     try:
-        manifest = realign(cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress)
+        manifest = realign(
+            cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress, rejudge=args.rejudge
+        )
     except RuntimeError as exc:
         if "ephemeral Prefect API server" not in str(exc):
             raise
@@ -156,21 +139,32 @@ def cmd_show(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    """The MLflow UI on the run store until Ctrl-C or SIGTERM; the server (its own process group)
+    stops with the command either way."""
+    import signal
     import subprocess
 
     from tasks.tracking import tracking_uri
 
     uri = args.tracking_uri or tracking_uri(args.workdir, None)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it")
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, 15)
-        proc.wait()
         return 0
+    finally:
+        from flows.watch import stop_process_group
+
+        if proc.poll() is None:
+            stop_process_group(proc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
     run.add_argument("--until", default="evaluate", choices=STAGES, help="stop after this stage")
     run.add_argument("--fresh", action="append", default=[], choices=STAGES, help="recompute this stage and what follows")
+    run.add_argument(
+        "--rejudge", action="store_true",
+        help="ask the judge again for every verdict, known ones included (pays for them again); implies --fresh judge",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
     run.set_defaults(func=cmd_run)
@@ -207,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--server", default=None, help="Prefect API URL of a running server; default: start one")
     watch.add_argument("--until", default="evaluate", choices=STAGES, help="the stage each triggered run stops after")
     watch.set_defaults(func=lambda a: __import__("flows.watch", fromlist=["cmd_watch"]).cmd_watch(a))
+    gc = sub.add_parser("gc", help="delete what the last runs do not need (dry run unless --yes)")
+    gc.add_argument("--workdir", default=".trace")
+    gc.add_argument("--keep", type=int, default=3, help="keep the last N runs and everything they reference")
+    gc.add_argument("--tracking-uri", default=None, help="the MLflow store, when the runs used another one")
+    gc.add_argument("--yes", action="store_true", help="delete (without it: only show what would go)")
+    gc.set_defaults(func=lambda a: __import__("flows.gc", fromlist=["cmd_gc"]).cmd_gc(a))
     return ap
 
 

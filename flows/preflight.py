@@ -24,7 +24,22 @@ def preflight(cfg: PipelineConfig) -> None:
     ):
         if value and not Path(value).exists():
             raise ConfigError(f"{setting}: file not found: {value}")
+    if cfg.evaluation.enabled and cfg.evaluation.prompts_path:
+        from trace_core.data import load_prompts
+
+        load_prompts(cfg.evaluation.prompts_path)
     if cfg.evaluation.labels_path:
         from trace_core.evaluation import load_generation_labels
 
         load_generation_labels(cfg.evaluation.labels_path, policy)
+    check_names(cfg)
+
+
+def check_names(cfg: PipelineConfig) -> None:
+    """Every name the run will send to MLflow that comes from the user is valid, or has a valid
+    mapping: checked here, so a bad name never fails a run after its expensive stages."""
+    from tasks import tracking
+
+    tracking.check_experiment_name(cfg.mlflow.experiment)
+    if cfg.mlflow.register_model:
+        tracking.registered_model_name(cfg.run.name, cfg.mlflow.registered_model_name)

@@ -18,8 +18,9 @@ from prefect import flow
 
 from flows.stages import STAGES
 
+from flows.workdir import workdir_lock
 from tasks import plots, tracking
-from tasks.artifacts import file_sha256, folder_sha256, write_json_at
+from tasks.artifacts import HashMemo, file_sha256, folder_sha256, read_parquet, write_json_at
 from tasks.common import RunContext, StageResult
 from tasks.evaluate import evaluate_stage
 from tasks.judge import judge_shard
@@ -28,9 +29,10 @@ from tasks.partition import triage_and_partition
 from tasks.reference import reference_stage
 from tasks.train import train_stage
 from trace_core.assets import read_marker, resolve_model
-from trace_core.config import PipelineConfig
+from trace_core.config import PipelineConfig, input_files
 from trace_core.data import text_sha256
 from trace_core.errors import TraceError
+from trace_core.oracle import check_unknown_share, verdict_triples
 from trace_core.policy import load_policy
 
 # What the reference stage depends on: other training settings (learning rate, steps, test switches)
@@ -77,12 +79,33 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def input_fingerprints(cfg: PipelineConfig, workdir: Path) -> dict[str, str]:
+    """``{setting: sha256}`` for every file or folder a setting names (gold pairs, held-out prompts,
+    labels, judge model folders, ...): stages are keyed on these contents, never on a path whose
+    file could change behind it. Hashes are remembered per file stamp (:class:`HashMemo`)."""
+    memo = HashMemo(workdir / "cache" / "file_hashes.json")
+    out = {setting: memo.content(path) for setting, path in sorted(input_files(cfg).items())}
+    memo.save()
+    return out
+
+
+def _inputs_for(fingerprints: dict[str, str], *sections: str) -> dict[str, str]:
+    """The fingerprints of the files named under ``sections`` (what one stage reads)."""
+    return {k: v for k, v in fingerprints.items() if k.split(".", 1)[0] in sections}
+
+
 def _missing(result: StageResult) -> bool:
     return any(not Path(p).exists() for p in result.artifact_paths())
 
 
-def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResult:
-    """Run a stage task (from the cache when it may), recomputing it if a cached artifact is gone.
+def _unknowns_to_retry(result: StageResult) -> bool:
+    """A judge stage whose verdicts include unknowns that the judge may answer when asked again."""
+    return bool(result.metrics.get("judge_unknown_retryable"))
+
+
+def _run(task, stage: str, fresh: set[str], record: dict, recompute_if=_missing, **kwargs) -> StageResult:
+    """Run a stage task (from the cache when it may), recomputing it if a cached artifact is gone
+    (or ``recompute_if(result)`` says so).
 
     Results are stored in the run's working folder, whatever Prefect's global settings say, so
     two working folders never read each other's cache.
@@ -91,7 +114,7 @@ def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResu
     t0 = time.perf_counter()
     state = task.with_options(refresh_cache=stage in fresh, result_storage=storage)(**kwargs, return_state=True)
     result = state.result()
-    if state.name == "Cached" and _missing(result):
+    if state.name == "Cached" and (_missing(result) or recompute_if(result)):
         state = task.with_options(refresh_cache=True, result_storage=storage)(**kwargs, return_state=True)
         result = state.result()
     record[result.stage] = {
@@ -106,33 +129,47 @@ def _run(task, stage: str, fresh: set[str], record: dict, **kwargs) -> StageResu
     return result
 
 
-def _evaluation_inputs(cfg) -> dict[str, str]:
-    """Content hashes of the files the evaluation reads, so editing one reruns the stage."""
-    from tasks.artifacts import file_sha256
-
-    files = {"prompts_path": cfg.evaluation.prompts_path, "labels_path": cfg.evaluation.labels_path}
-    return {k: file_sha256(v) for k, v in files.items() if v}
-
-
 @flow(name="realign", log_prints=True)
-def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = None, progress: bool = True) -> dict:
-    """Realign the model of ``config`` to its new policy; returns the run manifest."""
+def realign(
+    config: dict, until: str = "evaluate", fresh: list[str] | None = None, progress: bool = True,
+    workdir_wait_s: float | None = 0.0, rejudge: bool = False,
+) -> dict:
+    """Realign the model of ``config`` to its new policy; returns the run manifest.
+
+    ``fresh`` recomputes those stages and every later one (``judge`` also asks every cached unknown
+    verdict again); ``rejudge`` asks the judge again for every verdict, known ones included (paid
+    for again), and implies ``fresh=["judge"]``. Without either, a judge stage answered from the
+    cache is recomputed when it holds unknown verdicts the judge may still answer.
+
+    The run holds its working folder's lock throughout (:mod:`flows.workdir`): with
+    ``workdir_wait_s=0`` a folder another run is using fails at once with one line; ``None`` waits
+    for it (served runs queue this way).
+    """
     cfg = PipelineConfig.model_validate(config)
     if until not in STAGES:
         raise TraceError(f"--until: unknown stage '{until}' (stages: {', '.join(STAGES)})")
     fresh_set: set[str] = set()
-    for stage in fresh or []:
+    for stage in [*(fresh or []), *(["judge"] if rejudge else [])]:
         if stage not in STAGES:
             raise TraceError(f"--fresh: unknown stage '{stage}' (stages: {', '.join(STAGES)})")
         fresh_set.update(STAGES[STAGES.index(stage) :])
     workdir = Path(cfg.run.workdir).resolve()
+    with workdir_lock(workdir, f"trace-realign run {cfg.run.name!r}", wait_s=workdir_wait_s, on_wait=print):
+        return _realign(cfg, workdir, until, fresh_set, progress, rejudge)
+
+
+def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str], progress: bool, rejudge: bool) -> dict:
     uri = tracking.tracking_uri(workdir, cfg.mlflow.tracking_uri)
     policy = load_policy(cfg.policy.path)
     data = cfg.section("data")
     data_sha = data_fingerprint(data)
     model_sha = model_fingerprint(cfg.model.path)
+    files = input_fingerprints(cfg, workdir)
+    registered, registered_from = tracking.registered_model_name(cfg.run.name, cfg.mlflow.registered_model_name)
     c = tracking.client(uri)
     exp = tracking.experiment_id(c, cfg.mlflow.experiment, workdir)
+    # Runs of this folder still RUNNING belong to a process that died (this one holds the lock).
+    closed = tracking.close_dead_runs(c, exp, workdir)
     tags = {
         "mlflow.runName": cfg.run.name,
         "policy_sha256": policy.sha256,
@@ -141,8 +178,11 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
         "data_sha256": data_sha,
         "model": cfg.model.path,
         "git_commit": git_commit() or "",
+        **tracking.process_tags(workdir),
     }
-    parent = c.create_run(exp, tags=tags)
+    if registered_from:
+        tags["trace.registered_model_name_requested"] = registered_from
+    parent = c.create_run(exp, tags={k: tracking.tag_value(v) for k, v in tags.items()})
     pid = parent.info.run_id
     training = cfg.section("training")
     # The crash switch is a property of this run, not of what training computes: keep it out of cache keys.
@@ -158,6 +198,9 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
         "policy": {"path": str(Path(cfg.policy.path).resolve()), "sha256": policy.sha256, "name": policy.name, "version": policy.version},
         "data": {"path": data["path"], "sha256": data_sha},
         "model": {"spec": cfg.model.path, "sha256": model_sha},
+        "input_files": {k: {"path": str(Path(p).resolve()), "sha256": files[k]} for k, p in input_files(cfg).items()},
+        "registered_model_name": registered if cfg.mlflow.register_model else None,
+        "closed_dead_runs": closed,
         "git_commit": tags["git_commit"] or None,
         "packages": package_versions(),
         "stages": stages,
@@ -172,11 +215,18 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
             for i, shard in enumerate(loaded.artifacts["shards"]):
                 verdicts.append(
                     _run(
-                        judge_shard, "judge", fresh_set, stages,
+                        judge_shard, "judge", fresh_set, stages, recompute_if=_unknowns_to_retry,
                         shard=shard, shard_index=i, policy_path=str(Path(cfg.policy.path).resolve()),
-                        policy_sha256=policy.sha256, oracle=oracle, run=run,
+                        policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"),
+                        run=run, refresh_unknown="judge" in fresh_set, refresh_known=rejudge,
                     ).artifacts["verdicts"]
                 )
+            # Too many unknown verdicts means a broken judge: stop before training on what is left.
+            rows = [row for v in verdicts for row in read_parquet(v["path"]).to_pylist()]
+            manifest["unknown_verdicts"] = check_unknown_share(
+                verdict_triples(rows), judge=rows[0]["judge"] if rows else "?",
+                max_share=cfg.oracle.max_unknown_share, setting="oracle",
+            )
             manifest["judge_requests"] = sum(
                 info["metrics"].get("judge_requests", 0)
                 for stage, info in stages.items()
@@ -188,7 +238,7 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
                 pairs=loaded.artifacts["pairs"], verdicts=verdicts, triage=cfg.section("triage"),
                 holdout_fraction=cfg.evaluation.holdout_fraction if cfg.evaluation.enabled else 0.0,
                 shard_size=cfg.data.shard_size, policy_path=str(Path(cfg.policy.path).resolve()),
-                policy_sha256=policy.sha256, oracle=oracle, run=run,
+                policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"), run=run,
             )
             _log_triage_plot(c, pid, triaged)
         if until in ("reference", "train", "evaluate"):
@@ -196,11 +246,10 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
                 reference_stage, "reference", fresh_set, stages,
                 shards=triaged.artifacts, model=cfg.section("model"), model_sha256=model_sha, weights=cfg.section("weights"),
                 training={k: training[k] for k in REFERENCE_TRAINING_KEYS}, triage=cfg.section("triage"),
-                policy_sha256=policy.sha256, seed=cfg.run.seed, run=run,
+                input_files_sha256=_inputs_for(files, "weights"), policy_sha256=policy.sha256, seed=cfg.run.seed, run=run,
             )
             _log_weight_plot(c, pid, ref)
         if until in ("train", "evaluate"):
-            registered = cfg.mlflow.registered_model_name or f"{cfg.run.name}-realigned"
             trained = _run(
                 train_stage, "train", fresh_set, stages,
                 shards=triaged.artifacts, reference=ref.artifacts, model=cfg.section("model"), model_sha256=model_sha,
@@ -212,7 +261,7 @@ def realign(config: dict, until: str = "evaluate", fresh: list[str] | None = Non
                 evaluate_stage, "evaluate", fresh_set, stages,
                 shards=triaged.artifacts, trained=trained.artifacts, model=cfg.section("model"),
                 model_sha256=model_sha, evaluation=cfg.section("evaluation"), training=training,
-                input_files_sha256=_evaluation_inputs(cfg), oracle=oracle,
+                input_files_sha256=_inputs_for(files, "evaluation", "oracle"), oracle=oracle,
                 policy_path=str(Path(cfg.policy.path).resolve()), policy_sha256=policy.sha256,
                 seed=cfg.run.seed, run=run,
             )

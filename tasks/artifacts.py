@@ -27,14 +27,66 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def folder_sha256(path: str | Path, pattern: str = "*") -> str:
-    """sha256 over the relative names and contents of every file below ``path`` matching ``pattern``."""
+def folder_sha256(path: str | Path, pattern: str = "*", file_hash=file_sha256) -> str:
+    """sha256 over the relative names and contents of every file below ``path`` matching ``pattern``
+    (``file_hash(path) -> hex`` hashes one file)."""
     h = hashlib.sha256()
     root = Path(path)
     for f in sorted(p for p in root.rglob(pattern) if p.is_file()):
         h.update(str(f.relative_to(root)).encode())
-        h.update(file_sha256(f).encode())
+        h.update(file_hash(f).encode())
     return h.hexdigest()
+
+
+class HashMemo:
+    """sha256 of files by content, remembered per (path, size, mtime, ctime, inode).
+
+    Hashing a 500 MB model folder on every run would cost seconds; a file whose size, times and
+    inode are all unchanged has unchanged bytes (the change time cannot be set back by a user the
+    way a modification time can), so its remembered hash is reused. The memo is a JSON file in the
+    working folder, replaced atomically; a lost or corrupt memo only costs a re-hash.
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self._entries: dict[str, list] = {}
+        self._dirty = False
+        if self.path is not None:
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                self._entries = loaded if isinstance(loaded, dict) else {}
+            except (OSError, ValueError):
+                self._entries = {}
+
+    def file(self, path: str | Path) -> str:
+        """The sha256 of a file's bytes."""
+        p = Path(path).resolve()
+        st = p.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        known = self._entries.get(str(p))
+        if isinstance(known, list) and len(known) == 2 and known[0] == stamp:
+            return known[1]
+        digest = file_sha256(p)
+        self._entries[str(p)] = [stamp, digest]
+        self._dirty = True
+        return digest
+
+    def content(self, path: str | Path) -> str:
+        """The sha256 of a file, or of a folder's relative file names and contents (as
+        :func:`folder_sha256`); raises FileNotFoundError when ``path`` does not exist."""
+        p = Path(path)
+        if p.is_file():
+            return self.file(p)
+        if not p.is_dir():
+            raise FileNotFoundError(str(path))
+        return folder_sha256(p, file_hash=self.file)
+
+    def save(self) -> None:
+        """Write the memo back (only when something new was hashed)."""
+        if self.path is not None and self._dirty:
+            live = {k: v for k, v in self._entries.items() if Path(k).exists()}
+            write_json_at(live, self.path)
+            self._dirty = False
 
 
 def _publish(tmp: Path, folder: Path, stem: str, ext: str) -> Path:

@@ -61,9 +61,16 @@ def code_fingerprint() -> str:
     return tree_sha256([Path(trace_core.__file__).parent, Path(__file__).parent])
 
 
+UNKEYED_PARAMETERS = frozenset({"run", "refresh_unknown", "refresh_known"})
+"""Task parameters that say how to run, not what is computed: the run context (it changes every
+run) and the judge's re-ask switches (a ``--fresh judge`` run stores its result under the same key,
+so the next plain run is served the refreshed verdicts)."""
+
+
 def stage_cache_key(context, parameters: dict[str, Any]) -> str:
-    """sha256 of the task's name and source, the code it runs, and its parameters without the run context."""
-    keyed = {k: v for k, v in parameters.items() if k != "run"}
+    """sha256 of the task's name and source, the code it runs, and its parameters without
+    :data:`UNKEYED_PARAMETERS`."""
+    keyed = {k: v for k, v in parameters.items() if k not in UNKEYED_PARAMETERS}
     source = inspect.getsource(context.task.fn)
     payload = json.dumps([context.task.name, source, code_fingerprint(), keyed], sort_keys=True, default=str)
     return context.task.name + "-" + hashlib.sha256(payload.encode()).hexdigest()

@@ -21,6 +21,7 @@ from tasks.artifacts import describe, read_parquet, write_json, write_parquet
 from tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
 from tasks.reference import read_triaged
 from trace_core.assets import resolve_model
+from trace_core.data import load_prompts
 from trace_core.errors import DataError
 from trace_core.evaluation import (
     EmbeddingComplianceJudge,
@@ -97,11 +98,7 @@ def evaluate_stage(
     holdout = read_triaged(shards, kinds=("holdout",))
     retain = [t.pair for t in holdout if t.type.value == "retain"]
     if evaluation.get("prompts_path"):
-        from trace_core.data import iter_rows
-
-        rows = [r for _, r in iter_rows(evaluation["prompts_path"])]
-        prompts = [r["prompt"] for r in rows]
-        groups = [r.get("group", "all") for r in rows]
+        prompts, groups = load_prompts(evaluation["prompts_path"])
     else:
         prompts = [t.pair.prompt for t in holdout]
         groups = [t.type.value for t in holdout]
@@ -125,7 +122,7 @@ def evaluate_stage(
         if judge_cfg["backend"] == "annotations":
             judge, judge_report = embedding_judge(read_triaged(shards), policy, seed)
         else:
-            judge = make_judge(judge_cfg)
+            judge = make_judge(judge_cfg, where="evaluation.judge" if evaluation.get("judge") else "oracle")
         with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
             gen_bar = Bar("generating", 2 * len(prompts), ctx.progress)
             judge_bar = Bar("judging generations", 2 * len(prompts), ctx.progress)
@@ -166,7 +163,10 @@ def evaluate_stage(
         rows = [{**r, "prompt": _prompt_text(r["prompt"])} for r in result.rows]
         folder = ctx.folder("artifacts", "evaluation")
         table_path = write_parquet(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), folder, "generations")
-        report = {"metrics": metrics, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report, "labelled": labelled}
+        # Wall-clock seconds differ on every run: they go to MLflow and the manifest, not into an
+        # artifact named by its content (the same work must give the same bytes).
+        measured = {k: v for k, v in metrics.items() if "seconds" not in k}
+        report = {"metrics": measured, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report, "labelled": labelled}
         metrics_path = write_json(report, folder, "metrics")
         tracking.log_params(c, run_id, {"evaluation": {k: v for k, v in evaluation.items() if k != "judge"}, "eval_judge": result.judge})
         tracking.log_metrics(c, run_id, metrics)

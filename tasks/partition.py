@@ -70,8 +70,11 @@ def triage_and_partition(
     policy_path: str,
     policy_sha256: str,
     oracle: dict,
+    input_files_sha256: dict,
     run: dict,
 ) -> StageResult:
+    """Triage every pair from its verdicts; ``input_files_sha256`` holds the content hashes of the
+    oracle's model files (the judge that writes corrections), so replacing them recomputes."""
     ctx = context_of(run)
     pair_list = table_to_pairs(read_parquet(pairs["path"]))
     by_id = {}
@@ -87,7 +90,7 @@ def triage_and_partition(
         if triage.get("corrections"):
             punish_idx = [i for i, t in enumerate(triaged) if t.type is TriageType.PUNISH]
             items = [JudgeItem(triaged[i].pair.prompt, triaged[i].pair.chosen) for i in punish_idx]
-            with make_judge(oracle) as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
+            with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
                 with Bar("corrections", len(items), ctx.progress) as bar:
                     corrections, stats = correct_with_cache(judge, items, load_policy(policy_path), cache, bar.absolute)
             for i, corr in zip(punish_idx, corrections):

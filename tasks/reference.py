@@ -16,7 +16,7 @@ from tasks.partition import table_to_triaged
 from trace_core.assets import resolve_model
 from trace_core.data import canonical_json, load_pairs
 from trace_core.impact import GoldPair
-from trace_core.modeling import LoraSettings, add_lora, load_model, load_tokenizer
+from trace_core.modeling import LoraSettings, add_lora, load_model, load_tokenizer, save_adapter
 from trace_core.reference import ReferenceSettings, run_reference_stage
 from trace_core.tokenization import Encoder
 
@@ -61,13 +61,15 @@ def reference_stage(
     weights: dict,
     training: dict,
     triage: dict,
+    input_files_sha256: dict,
     policy_sha256: str,
     seed: int,
     run: dict,
 ) -> StageResult:
     """Scores, weights and reference log-probs. ``policy_sha256`` is part of the key on purpose:
     every artifact downstream of a policy edit is recomputed under (and recorded with) the new
-    policy, even where the edit happened not to change a verdict."""
+    policy, even where the edit happened not to change a verdict. ``input_files_sha256`` holds the
+    content hash of ``weights.gold_path`` when set, so editing that file recomputes the stage."""
     ctx = context_of(run)
     path = resolve_model(model["path"])
     tokenizer = load_tokenizer(path)
@@ -139,7 +141,7 @@ def reference_stage(
         if not training["full_finetune"]:
             # The adapter the scores were taken at is the one training starts from.
             build = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=folder))
-            policy_model.save_pretrained(build)
+            save_adapter(policy_model, build)
             final = publish_folder(build, folder / f"initial_adapter-{folder_sha256(build)[:8]}")
             artifacts["initial_adapter"] = describe(final)
         scores = [r["impact_score"] for r in rows if r["impact_score"] is not None]

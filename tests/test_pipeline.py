@@ -235,22 +235,28 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_result(tmp_path, case, needl
         assert not list((work / "artifacts" / "verdicts").glob("*.parquet"))
 
 
+def kill_run_after(config: Path, cwd: Path, server, requests: int, timeout: float = 180) -> None:
+    """Start ``run --until judge`` and SIGKILL it (with its process group) once the judge has had
+    ``requests`` requests."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and server.stats()["requests"] < requests:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_during_judging_then_rerun(tmp_path):
     with FakeJudgeProcess(latency=0.25) as server:
         cfg = make_config(tmp_path, server.url)
         cfg["oracle"]["max_concurrency"] = 2
         cfg["data"]["shard_size"] = 24
         config = write_config(tmp_path, cfg)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"],
-            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline and server.stats()["requests"] < 12:
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_run_after(config, tmp_path, server, 12)
         killed_at = server.stats()["requests"]
         assert 12 <= killed_at < 48
         done = cli(["run", "--config", str(config), "--until", "judge", "--no-progress"], tmp_path)

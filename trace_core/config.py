@@ -15,7 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trace_core.errors import ConfigError, describe_validation_errors
-from trace_core.oracle.config import BACKENDS, JudgeConfig
+from trace_core.oracle.config import BACKENDS, INPUT_FILE, JudgeConfig
+
+
 
 
 class _Section(BaseModel):
@@ -58,7 +60,9 @@ class TriageConfig(_Section):
 class WeightsConfig(_Section):
     enabled: bool = Field(True, description="false: the no-impact-weighting ablation (all w_i = 1)")
     gold_size: int = Field(64, ge=1)
-    gold_path: str | None = Field(None, description="your own gold pairs (prompt, preferred, dispreferred)")
+    gold_path: str | None = Field(
+        None, description="your own gold pairs (prompt, preferred, dispreferred)", json_schema_extra=INPUT_FILE
+    )
     batch_size: int = Field(8, ge=1, description="pairs per scoring batch")
 
 
@@ -96,7 +100,9 @@ class TrainingConfig(_Section):
 
 class EvaluationConfig(_Section):
     enabled: bool = True
-    prompts_path: str | None = Field(None, description="held-out prompts (JSONL with 'prompt'); default: held-out pairs")
+    prompts_path: str | None = Field(
+        None, description="held-out prompts (JSONL with 'prompt'); default: held-out pairs", json_schema_extra=INPUT_FILE
+    )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out of training for evaluation")
     max_prompts: int = Field(64, ge=1)
     max_new_tokens: int = Field(96, ge=1)
@@ -106,6 +112,7 @@ class EvaluationConfig(_Section):
         None,
         description="generated responses labelled by hand (JSONL: prompt, response, compliant): the judge's "
         "accuracy on generated text, and TPA from the labels where a generation has one",
+        json_schema_extra=INPUT_FILE,
     )
 
 
@@ -191,3 +198,23 @@ def validate_config(tree: dict, where: str = "config") -> PipelineConfig:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(f"{where}: " + describe_validation_errors(exc.errors(), "", drop=BACKENDS)) from None
+
+
+def input_files(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Every setting marked :data:`INPUT_FILE` that is set and names an existing local file or
+    folder, as ``{"weights.gold_path": path, "oracle.model_path": path, ...}`` (nested sections and
+    the judge configs included; a hub model name that is not a local path is left out)."""
+    out: dict[str, str] = {}
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        dotted = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(input_files(value, dotted + "."))
+        elif (
+            isinstance(value, str)
+            and isinstance(field.json_schema_extra, dict)
+            and field.json_schema_extra.get("input_file")
+            and Path(value).exists()
+        ):
+            out[dotted] = value
+    return out

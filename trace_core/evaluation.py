@@ -603,7 +603,10 @@ def _sentence_encoder(path: str, device: str):
     except ImportError:
         raise TraceError("the embedding judge needs sentence-transformers: pip install sentence-transformers") from None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return SentenceTransformer(path, device=device, local_files_only=True)
+    model = SentenceTransformer(path, device=device, local_files_only=True)
+    # Judged text is data: "[SEP]" or "[CLS]" written in a response is text, not a control token.
+    model.tokenizer.split_special_tokens = True
+    return model
 
 
 def _training_hash(keys: Sequence[tuple[str, str]], labels: Sequence[bool]) -> str:

@@ -7,6 +7,7 @@ weights in memory. Under full fine-tuning the reference is a frozen copy.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def add_lora(model, settings: LoraSettings, seed: int = 0):
             return get_peft_model(model, config)
         except ValueError as exc:
             raise TraceError(f"lora.target_modules {settings.target_modules}: {exc}") from None
+
+
+def save_adapter(model, folder: str | Path) -> Path:
+    """Save a PEFT model's adapter to ``folder`` so that the same adapter gives the same bytes.
+
+    PEFT keeps ``target_modules`` (and other module lists) as Python sets and writes them in set
+    order, which changes with ``PYTHONHASHSEED``: identical adapters would get different
+    ``adapter_config.json`` files, and artifacts named by content would differ between processes.
+    The config is rewritten with every such list sorted and its keys in sorted order.
+    """
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    for config_path in folder.rglob("adapter_config.json"):
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in ("target_modules", "modules_to_save", "exclude_modules"):
+            if isinstance(config.get(key), list) and all(isinstance(x, str) for x in config[key]):
+                config[key] = sorted(config[key])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = True):

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from trace_core.errors import TraceError
 from trace_core.logprobs import forward_logits, response_logps
 from trace_core.losses import retain_kl
-from trace_core.modeling import is_peft
+from trace_core.modeling import is_peft, save_adapter
 from trace_core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
 from trace_core.tokenization import SequenceBatch, pad_sequences
 
@@ -283,7 +283,7 @@ def save_output(model, tokenizer, output_dir: str | Path, merge: bool = False) -
     out = Path(output_dir)
     paths = {}
     if is_peft(model):
-        model.save_pretrained(out / "adapter")
+        save_adapter(model, out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
         paths["adapter"] = str(out / "adapter")
         if merge:
