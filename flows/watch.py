@@ -15,11 +15,29 @@ lock, so two overlapping ticks cannot both see the same change; the new hash and
 by a failed request is retried with the same key, which the server answers with the run it already
 made instead of a second one.
 
+Nothing here relies on a slot a dead process could hold. The deployments carry no Prefect
+concurrency limit (a run killed while it held a deployment slot kept the slot on the server, and
+every later tick was cancelled): realign runs queue on the working folder's lock
+(:mod:`flows.workdir`, released by the kernel when a process dies), ticks on the state file's lock.
+When ``watch`` starts it recovers what an earlier, interrupted ``watch`` left behind: realign runs
+it had in flight are scheduled again (their finished stages are cached), stale ticks are marked
+crashed.
+
+Processes: ``watch`` is a supervisor. It starts (or connects to) the server, then runs Prefect's
+``serve`` in a child process in its own session, so a Ctrl-C at the terminal reaches ``watch``
+only. The first Ctrl-C (or SIGTERM) asks the child to stop (SIGTERM: Prefect's runner cancels the
+runs in flight and returns); after ``STOP_GRACE_S`` seconds, or at a second Ctrl-C, the child and
+the flow runs it started are killed. The server ``watch`` started is stopped last, after everything
+that reports to it has gone: Prefect drains its event queue at interpreter exit with retries per
+event and no overall bound, so a process that outlived its server took minutes to exit (7 s per
+queued event, measured). Shutdown therefore takes a few seconds, never more than about
+``STOP_GRACE_S + SERVER_STOP_TIMEOUT_S``.
+
 The server is either started here (``prefect server start`` on 127.0.0.1, in its own process group,
 stopped with the whole group on exit) or, with ``--server URL``, a running one.
 
 Nothing here imports Prefect at module level: Prefect reads its settings when it is first imported,
-and :func:`cmd_watch` must set ``PREFECT_HOME`` and ``PREFECT_API_URL`` before that.
+and the serving process must set ``PREFECT_HOME`` and ``PREFECT_API_URL`` before that.
 """
 
 from __future__ import annotations
@@ -29,10 +47,12 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -45,7 +65,10 @@ from trace_core.errors import ConfigError, TraceError
 from trace_core.policy import load_policy
 
 SERVER_START_TIMEOUT_S = 60.0
-SERVER_STOP_TIMEOUT_S = 10.0
+SERVER_STOP_TIMEOUT_S = 5.0
+STOP_GRACE_S = 8.0  # how long the serving process may take to stop before it is killed
+BEFORE_STOP_S = 3.0  # how long watch spends noting the realign runs in flight before it stops them
+RUN_SLOTS = 4  # flow runs the serving process runs at once (a local limit: it dies with the process)
 # A policy file modified less than this long ago may still be being written by an editor: the tick
 # leaves it to the next one rather than start a run on half a document.
 SETTLE_SECONDS = 1.0
@@ -256,7 +279,7 @@ def server_environment(workdir: str | Path) -> dict[str, str]:
     Its database is ``<workdir>/prefect/server.db``, not the default ``prefect.db``, which the
     temporary server of a concurrent ``trace-realign run`` in the same folder uses.
     """
-    from flows.cli import prefect_environment
+    from flows.settings import prefect_environment
 
     env = {**os.environ, **prefect_environment(workdir)}
     env.pop("PREFECT_API_URL", None)
@@ -284,10 +307,14 @@ def launch_server(workdir: str | Path, port: int) -> subprocess.Popen:
         )
 
 
-def wait_healthy(proc: subprocess.Popen, api_url: str, log_path: Path, timeout: float = SERVER_START_TIMEOUT_S) -> None:
-    """Wait until the started server answers ``/health``; one-line TraceError if it dies or times out."""
+def wait_healthy(
+    proc: subprocess.Popen, api_url: str, log_path: Path, timeout: float = SERVER_START_TIMEOUT_S,
+    stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Wait until the started server answers ``/health``; one-line TraceError if it dies or times out.
+    Returns early when ``stop()`` says the user asked to stop."""
     deadline = time.monotonic() + timeout
-    while not healthy(api_url, timeout=1.0):
+    while not healthy(api_url, timeout=1.0) and not stop():
         if proc.poll() is not None:
             raise TraceError(f"prefect server exited during start-up (exit {proc.returncode}); see {log_path}")
         if time.monotonic() > deadline:
@@ -303,22 +330,25 @@ def connect(server: str) -> str:
     return api_url
 
 
-# --- the command -----------------------------------------------------------------------------------
+# --- the command ---------------------------------------------------------------------------------
 
 
 def watch_environment(workdir: str | Path, api_url: str) -> dict[str, str]:
     """Prefect settings for watch: ``run``'s (home etc. in the workdir) on the server at ``api_url``.
 
     Served runs log at INFO to the server, where the UI shows them; the console shows errors only
-    (a failed run, a lost server), next to the watcher's own lines.
+    (a failed run, a lost server), next to the watcher's own lines: no library warnings or progress
+    bars from the runs either.
     """
-    from flows.cli import prefect_environment
+    from flows.settings import QUIET_LIBRARIES, prefect_environment
 
     return {
         **prefect_environment(workdir),
+        **QUIET_LIBRARIES,
         "PREFECT_API_URL": api_url,
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "ERROR",
+        "PYTHONUNBUFFERED": "1",
     }
 
 
@@ -331,23 +361,32 @@ def _use_prefect_settings(env: dict[str, str]) -> None:
         refresh_global_settings_context()
 
 
+def deployment_name(run_name: str) -> str:
+    """``run.name`` as a Prefect deployment name: Prefect refuses ``/ % & > <`` in names, which
+    become ``-`` (``team/smoke`` -> ``team-smoke``; the original is in the deployment's description)."""
+    mapped = re.sub(r"[/%&><]", "-", run_name).strip() or "trace-realign"
+    return mapped
+
+
 def build_deployments(cfg, config_path: str, interval: float, cron: str | None, until: str) -> list:
-    """The realign deployment (config as parameter, optional cron) and the policy watcher on an interval."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    """The realign deployment (config as parameter, optional cron) and the policy watcher on an interval.
+
+    Neither carries a Prefect concurrency limit (see the module doc): realign runs wait for the
+    working folder's lock (``workdir_wait_s=None``), ticks serialise on the state file's lock.
+    """
     from prefect.types.entrypoint import EntrypointType
 
     from flows.realign import realign
 
-    name = cfg.run.name
+    name = deployment_name(cfg.run.name)
+    renamed = f" (run.name {cfg.run.name!r})" if name != cfg.run.name else ""
     policy_path = str(Path(cfg.policy.path).resolve())
     try:
         realign_deployment = realign.to_deployment(
             name=name,
-            parameters={"config": cfg.model_dump(mode="json"), "until": until, "progress": False},
+            parameters={"config": cfg.model_dump(mode="json"), "until": until, "progress": False, "workdir_wait_s": None},
             cron=cron,
-            # One realign at a time: runs share the working folder's caches; a later one waits.
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-            description=f"Realign to the policy of {config_path}; started by the policy watcher on a change",
+            description=f"Realign to the policy of {config_path}{renamed}; started by the policy watcher on a change",
             tags=["trace-realign"],
             # Runs load the flow by module path: it works from any folder the package imports in.
             entrypoint_type=EntrypointType.MODULE_PATH,
@@ -359,15 +398,12 @@ def build_deployments(cfg, config_path: str, interval: float, cron: str | None, 
     watcher_deployment = sys.modules[__name__].policy_watcher.to_deployment(
         name=name,
         interval=interval,
-        # A tick due while the previous one still runs is dropped, not queued: on a busy machine
-        # queued ticks would pile up and hold the runner's process slots the realign run needs.
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         parameters={
             "policy_path": policy_path,
             "state_path": str(state_path_for(cfg.run.workdir)),
             "deployment": f"realign/{name}",
         },
-        description=f"Hashes {policy_path} every {interval:g} s and starts realign/{name} when it changes",
+        description=f"Hashes {policy_path} every {interval:g} s and starts realign/{name} when it changes{renamed}",
         tags=["trace-realign"],
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
@@ -376,11 +412,253 @@ def build_deployments(cfg, config_path: str, interval: float, cron: str | None, 
     return [realign_deployment, watcher_deployment]
 
 
+def interrupted_path(workdir: str | Path) -> Path:
+    """Where ``watch`` notes the realign runs it stopped in flight, to resume them when it restarts."""
+    return Path(workdir).resolve() / "watch" / "interrupted.json"
+
+
+_LIVE_TYPES = ("PENDING", "RUNNING", "CANCELLING")
+
+
+def _deployment_runs(client, deployment: str, state_types: tuple[str, ...]) -> list:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        dep = client.read_deployment_by_name(deployment)
+    except ObjectNotFound:
+        return []
+    live = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(t) for t in state_types])))
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])), flow_run_filter=live)
+
+
+def note_interrupted(client, workdir: str | Path, realign_deployment: str) -> list[str]:
+    """Record the realign runs in flight (about to be cancelled by a stopping ``watch``)."""
+    ids = [str(r.id) for r in _deployment_runs(client, realign_deployment, _LIVE_TYPES)]
+    if ids:
+        from tasks.artifacts import write_json_at
+
+        path = interrupted_path(workdir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        earlier = read_state(path).get("runs", [])
+        write_json_at({"runs": sorted(set(earlier) | set(ids))}, path)
+    return ids
+
+
+def recover_interrupted_runs(client, deployments: list, workdir: str | Path, log: Callable[[str], Any] = print) -> dict[str, int]:
+    """Undo what an interrupted ``watch`` left on the server for these deployments.
+
+    * Runs still pending, running or cancelling belong to no process once this ``watch`` serves the
+      deployments (one watch per deployment name and server, see README): they are marked crashed.
+      Realign runs are left alone while a run holds the working folder's lock.
+    * Each realign run cut short by a stopping or dying ``watch`` (found so, or noted in
+      :func:`interrupted_path` when ``watch`` stopped it) is started again as a new run with the
+      same parameters; its finished stages are cached, so it resumes. The new run's idempotency key
+      is derived from the old run's id, so it is started once however often recovery runs.
+
+    Returns ``{"resumed": n, "crashed": n}``.
+    """
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    from flows.workdir import WorkdirBusy, workdir_lock
+
+    try:
+        with workdir_lock(workdir, "trace-realign watch (recovery)"):
+            realign_busy = False
+    except WorkdirBusy:
+        realign_busy = True
+    counts = {"resumed": 0, "crashed": 0}
+    noted = interrupted_path(workdir)
+    to_resume = {rid: None for rid in read_state(noted).get("runs", [])}
+    for deployment in deployments:
+        full = f"{deployment.flow_name}/{deployment.name}"
+        is_realign = deployment.flow_name == "realign"
+        if is_realign and realign_busy:
+            continue
+        for run in _deployment_runs(client, full, _LIVE_TYPES):
+            client.set_flow_run_state(run.id, Crashed(message="the watch serving this run stopped while it ran"), force=True)
+            counts["crashed"] += 1
+            if is_realign:
+                to_resume[str(run.id)] = run
+    if realign_busy:
+        return counts
+    realign = next((d for d in deployments if d.flow_name == "realign"), None)
+    if realign is not None and to_resume:
+        dep = client.read_deployment_by_name(f"realign/{realign.name}")
+        for rid, run in to_resume.items():
+            try:
+                run = run or client.read_flow_run(rid)
+            except ObjectNotFound:
+                continue
+            if run.state is not None and run.state.type.value in ("COMPLETED", "FAILED"):
+                continue  # it finished after all, or failed on its own: nothing to resume
+            new = client.create_flow_run_from_deployment(
+                dep.id, parameters=run.parameters, idempotency_key=f"trace-realign-resume-{rid}",
+                name=f"{run.name}-resumed", tags=["policy-change", "resumed"],
+            )
+            counts["resumed"] += 1
+            log(f"realign run {rid} ({run.name}) was cut short when watch stopped: resumed as run {new.id}")
+    noted.unlink(missing_ok=True)
+    return counts
+
+
+def drop_concurrency_limits(client, deployments: list) -> None:
+    """Remove the deployment concurrency limits earlier versions of ``watch`` set (their slots could
+    stay held by a run whose process died)."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    for deployment in deployments:
+        try:
+            dep = client.read_deployment_by_name(f"{deployment.flow_name}/{deployment.name}")
+        except ObjectNotFound:
+            continue
+        if dep.global_concurrency_limit is not None:
+            client.update_deployment(dep.id, DeploymentUpdate(concurrency_limit=None))
+
+
+# --- the serving process ---------------------------------------------------------------------------
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Kill this process group when the supervising ``watch`` is gone (it was killed outright)."""
+
+    def check() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=check, name="watch-parent", daemon=True).start()
+
+
+def serve_main(spec_path: str) -> int:
+    """The serving process: recover, then ``serve`` the deployments until SIGTERM.
+
+    ``spec_path`` is a JSON file written by :func:`cmd_watch` (config, config path, interval, cron,
+    stage, parent pid). Prefect's runner stops on SIGTERM (it cancels the runs in flight and pauses
+    the schedules); Prefect's queued events and logs are then flushed for at most a few seconds while
+    the server is still up, and the process exits.
+    """
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # watch stops this process with SIGTERM
+    _exit_with_parent(int(spec["parent"]))
+    from trace_core.config import validate_config
+
+    cfg = validate_config(spec["config"], spec["config_path"])
+    deployments = build_deployments(cfg, spec["config_path"], spec["interval"], spec["cron"], spec["until"])
+    from prefect import serve
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        drop_concurrency_limits(client, deployments)
+        recover_interrupted_runs(client, deployments, cfg.run.workdir, log=lambda line: print(line, flush=True))
+    # query_seconds: the runner looks for due runs at least as often as the watcher ticks.
+    serve(*deployments, print_starting_message=False, limit=RUN_SLOTS, query_seconds=max(1.0, min(spec["interval"], 10.0)))
+    _flush_prefect(timeout=3.0)
+    sys.stdout.flush()
+    # What Prefect still has queued can only go to a server that is going away: do not wait on it.
+    os._exit(0)
+
+
+def _flush_prefect(timeout: float) -> None:
+    """Send what Prefect's event and log workers still hold, waiting at most ``timeout`` seconds."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+    except ImportError:
+        return
+    for worker in (EventsWorker, APILogWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)
+
+
+# --- the supervisor --------------------------------------------------------------------------------
+
+
+def check_cron(cron: str, workdir: Path) -> None:
+    """ConfigError naming ``--cron`` when Prefect would refuse the expression."""
+    from flows.settings import prefect_environment
+
+    _use_prefect_settings(prefect_environment(workdir))  # before Prefect is first imported
+    from prefect._internal.schemas.validators import validate_cron_string
+
+    try:
+        validate_cron_string(cron)
+    except ValueError:
+        raise ConfigError(f"--cron {cron!r}: not a valid cron expression (minute hour day month weekday)") from None
+
+
+class Stop:
+    """Ctrl-C and SIGTERM for ``watch``: the first asks for a graceful stop, the second forces one."""
+
+    def __init__(self) -> None:
+        self.signals = 0
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            print("stopping watch (Ctrl-C again stops it at once) ...", flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signals >= 1
+
+    @property
+    def forced(self) -> bool:
+        return self.signals >= 2
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    with contextlib.suppress(Exception):
+        fn()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def supervise(
+    child: subprocess.Popen, stop: Stop, grace: float = STOP_GRACE_S, before_stop: Callable[[], Any] = lambda: None
+) -> int | None:
+    """Wait for the serving process; on a stop request call ``before_stop()``, SIGTERM it, and kill
+    its whole group after ``grace`` seconds or a second request. Returns its exit code, or None when
+    it was stopped."""
+    asked_at: float | None = None
+    while True:
+        code = child.poll()
+        if code is not None:
+            return None if asked_at is not None else code
+        if stop.requested and asked_at is None:
+            asked_at = time.monotonic()
+            if not stop.forced:
+                # Best effort, for a few seconds: a slow or lost server must not hold up the stop.
+                helper = threading.Thread(target=_quietly, args=(before_stop,), daemon=True)
+                helper.start()
+                helper.join(timeout=BEFORE_STOP_S)
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+        if asked_at is not None and (stop.forced or time.monotonic() - asked_at > grace):
+            _kill_group(child)
+            return None
+        time.sleep(0.1)
+
+
 def cmd_watch(args) -> int:
     """Serve the realign and policy-watcher deployments until Ctrl-C (or SIGTERM); returns 0.
 
-    A started server boots while Prefect and the realign flow are imported (both take seconds), and
-    is stopped, with its whole process group, however watch ends.
+    A second Ctrl-C stops at once (exit 130). A serving process that dies on its own ends watch
+    with one line and exit 1.
     """
     from flows.preflight import preflight
     from flows.stages import STAGES
@@ -394,8 +672,14 @@ def cmd_watch(args) -> int:
         raise ConfigError(f"--until: unknown stage '{until}' (stages: {', '.join(STAGES)})")
     preflight(cfg)
     workdir = Path(cfg.run.workdir).resolve()
-    name = cfg.run.name
+    name = deployment_name(cfg.run.name)
+    if args.cron:
+        check_cron(args.cron, workdir)
+    stop = Stop()
+    stop.install()
     server: subprocess.Popen | None = None
+    child: subprocess.Popen | None = None
+    code = 0
     try:
         if args.server:
             api_url = connect(args.server)
@@ -405,24 +689,48 @@ def cmd_watch(args) -> int:
             api_url = f"http://127.0.0.1:{port}/api"
             print(f"starting a Prefect server at {api_url} (log: {server_log_path(workdir)}) ...", flush=True)
             server = launch_server(workdir, port)
-        # Before the first Prefect import: Prefect reads its settings once, when imported.
-        _use_prefect_settings(watch_environment(workdir, api_url))
-        deployments = build_deployments(cfg, args.config, args.interval, args.cron, until)
-        if server is not None:
-            wait_healthy(server, api_url, server_log_path(workdir))
-            print(f"started a Prefect server at {api_url}; UI: {ui_url_of(api_url)} (stopped when watch stops)", flush=True)
-        state = record_baseline(state_path_for(workdir), cfg.policy.path)
-        print(f"policy {state['policy_path']} sha256 {state['sha256'][:12]}, checked every {args.interval:g} s", flush=True)
-        cron = f" (cron {args.cron!r})" if args.cron else ""
-        print(f"serving realign/{name}{cron} and {WATCHER_FLOW_NAME}/{name}; Ctrl-C stops", flush=True)
-        from prefect import serve
+            wait_healthy(server, api_url, server_log_path(workdir), stop=lambda: stop.requested)
+            if not stop.requested:
+                print(f"started a Prefect server at {api_url}; UI: {ui_url_of(api_url)} (stopped when watch stops)", flush=True)
+        if not stop.requested:
+            state = record_baseline(state_path_for(workdir), cfg.policy.path)
+            print(f"policy {state['policy_path']} sha256 {state['sha256'][:12]}, checked every {args.interval:g} s", flush=True)
+            cron = f" (cron {args.cron!r})" if args.cron else ""
+            print(f"serving realign/{name}{cron} and {WATCHER_FLOW_NAME}/{name}; Ctrl-C stops", flush=True)
+            spec = workdir / "watch" / "serve.json"
+            spec.parent.mkdir(parents=True, exist_ok=True)
+            from tasks.artifacts import write_json_at
 
-        # query_seconds: the runner looks for due runs at least as often as the watcher ticks.
-        serve(*deployments, print_starting_message=False, query_seconds=max(1.0, min(args.interval, 10.0)))
-    except KeyboardInterrupt:
-        pass
+            write_json_at(
+                {"config": cfg.model_dump(mode="json"), "config_path": str(args.config), "interval": args.interval,
+                 "cron": args.cron, "until": until, "parent": os.getpid()},
+                spec,
+            )
+            child = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from flows.watch import serve_main; sys.exit(serve_main(sys.argv[1]))", str(spec)],
+                env={**os.environ, **watch_environment(workdir, api_url)}, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            _use_prefect_settings(watch_environment(workdir, api_url))
+
+            def remember_runs_in_flight() -> None:
+                from prefect.client.orchestration import get_client
+
+                with get_client(sync_client=True) as client:
+                    note_interrupted(client, workdir, f"realign/{name}")
+
+            import prefect.client.orchestration  # noqa: F401  (now, not when the user is waiting for the stop)
+
+            exited = supervise(child, stop, before_stop=remember_runs_in_flight)
+            if exited is not None:
+                code = 1
+                print(f"trace-realign: error: the process serving the deployments exited (code {exited}); see the lines above", file=sys.stderr)
     finally:
+        if child is not None and child.poll() is None:
+            _kill_group(child)
         if server is not None:
-            stop_process_group(server)
+            if stop.forced:
+                _kill_group(server)
+            else:
+                stop_process_group(server)
     print("watch stopped", flush=True)
-    return 0
+    return 130 if stop.forced else code
