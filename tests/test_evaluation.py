@@ -536,3 +536,14 @@ def test_refusal_aware_judge_needs_refusal_annotations():
     items, labels = _toy_data()  # no annotations
     with pytest.raises(DataError, match="annotated refusal true and false"):
         RefusalAwareJudge().fit(items, labels, POLICY)
+
+
+def test_the_embedding_judge_reads_special_token_text_as_text():
+    """A response that writes "[SEP]" or "[CLS]" is text to the MiniLM encoder, not its markers."""
+    from trace_core.evaluation import _sentence_encoder, embedding_model_path
+
+    tokenizer = _sentence_encoder(str(embedding_model_path()), "cpu").tokenizer
+    ids = tokenizer("a [SEP] b [CLS]")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert ids.count(tokenizer.sep_token_id) == 1 and ids.count(tokenizer.cls_token_id) == 1
+    assert tokenizer.convert_ids_to_tokens(ids)[1:-1] == ["a", "[", "sep", "]", "b", "[", "cl", "##s", "]"]

@@ -288,3 +288,48 @@ def test_smoke_config_runs_the_whole_dag_from_the_cli(tmp_path):
     assert min(counts["triage_invert"], counts["triage_punish"], counts["triage_retain"]) >= 0.15 * counts["triage_total"]
     shown = cli(["show", "--workdir", str(work)], ROOT)
     assert shown.returncode == 0 and manifest["run_id"] in shown.stdout
+
+
+def test_a_judge_that_answers_nothing_usable_stops_the_run_and_heals_on_the_next(tmp_path):
+    """The issue's run: every answer is a reasoning block cut at the token limit (unknown). Before,
+    the run trained on nothing and --fresh judge asked nothing; now the run stops with one line
+    naming the judge and a raw answer, and once the server is fixed the next plain run asks
+    exactly the unknown questions again (a --fresh judge run would ask them whatever their count)."""
+    from trace_core.errors import TraceError
+
+    with FakeJudgeServer(shape="[think-cut]") as server:
+        cfg = make_config(tmp_path, server.url)
+        with pytest.raises(TraceError) as err:
+            run_flow(cfg, until="triage")
+        message = str(err.value)
+        assert message.startswith("judge openai:fake-judge:") and "48 of 48 verdicts unknown (100.0% > 5%)" in message
+        assert "raise oracle.max_answer_tokens" in message and "\n" not in message
+        assert not list(Path(cfg["run"]["workdir"], "artifacts", "triage").glob("*.parquet"))
+        assert requests_made(server) == 48
+        server.shape = None  # the server is fixed
+        healed = run_flow(cfg, until="triage")
+        assert requests_made(server) == 96  # the 48 unknowns asked again, by default
+        assert healed["unknown_verdicts"] == {"n": 48, "n_unknown": 0, "unknown_share": 0.0}
+        assert healed["stages"]["triage"]["metrics"]["triage_unknown"] == 0
+        assert all(cached(run_flow(cfg, until="triage")).values())  # known now: nothing re-asked
+        assert requests_made(server) == 96
+        refreshed = run_flow(cfg, until="triage", rejudge=True)  # the explicit switch pays again
+        assert requests_made(server) == 144 and refreshed["stages"]["judge-0000"]["cached"] is False
+
+
+def test_fresh_judge_asks_final_unknowns_again(tmp_path):
+    """With max_unknown_attempts=1 an unknown is final at once: a plain rerun asks nothing (and stops
+    again); --fresh judge asks every unknown again."""
+    from trace_core.errors import TraceError
+
+    with FakeJudgeServer(shape="[sentence]") as server:
+        cfg = make_config(tmp_path, server.url)
+        cfg["oracle"]["max_unknown_attempts"] = 1
+        with pytest.raises(TraceError, match="48 of 48 verdicts unknown"):
+            run_flow(cfg, until="triage")
+        server.shape = None
+        with pytest.raises(TraceError, match="48 of 48 verdicts unknown"):  # final: not asked again
+            run_flow(cfg, until="triage")
+        assert requests_made(server) == 48
+        fixed = run_flow(cfg, until="triage", fresh=["judge"])
+        assert requests_made(server) == 96 and fixed["unknown_verdicts"]["n_unknown"] == 0
