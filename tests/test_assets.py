@@ -67,9 +67,7 @@ def test_tiny_random_prepares_once_and_reloads(tmp_path):
 
     weights = folder / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    started = time.perf_counter()
     assert prepare_model("tiny-random", tmp_path) == folder
-    assert time.perf_counter() - started < 0.5
     assert weights.stat().st_mtime_ns == mtime, "a prepared folder must not be rebuilt"
     assert _leftovers(tmp_path) == []
 
@@ -180,10 +178,8 @@ def test_smollm2_conversion_checks_logits_and_is_done_once(smollm2_cache):
 
     weights = folder / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    started = time.perf_counter()
     assert prepare_model(SMOLLM2, cache) == folder
-    assert time.perf_counter() - started < 1.0
-    assert weights.stat().st_mtime_ns == mtime
+    assert weights.stat().st_mtime_ns == mtime  # not converted again
     assert _leftovers(cache) == []
 
 
@@ -209,9 +205,9 @@ def test_smollm2_folder_reloads_as_plain_chat_model(smollm2_cache):
 @pytest.mark.slow
 def test_smollm2_resolve_uses_prepared_folder(smollm2_cache):
     cache, folder, _ = smollm2_cache
-    started = time.perf_counter()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert resolve_model(SMOLLM2, cache) == folder
-    assert time.perf_counter() - started < 1.0
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # resolved, not prepared again
 
 
 # --- a model aligned on a preference file -------------------------------------------------------
