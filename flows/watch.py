@@ -554,9 +554,12 @@ def serve_main(spec_path: str) -> int:
     from prefect import serve
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        drop_concurrency_limits(client, deployments)
-        recover_interrupted_runs(client, deployments, cfg.run.workdir, log=lambda line: print(line, flush=True))
+    try:
+        with get_client(sync_client=True) as client:
+            drop_concurrency_limits(client, deployments)
+            recover_interrupted_runs(client, deployments, cfg.run.workdir, log=lambda line: print(line, flush=True))
+    except Exception as exc:  # the server answers oddly: serve anyway, say what was not recovered
+        print(f"trace-realign: could not recover runs an earlier watch left: {' '.join(str(exc).split())[:300]}", file=sys.stderr, flush=True)
     # query_seconds: the runner looks for due runs at least as often as the watcher ticks.
     serve(*deployments, print_starting_message=False, limit=RUN_SLOTS, query_seconds=max(1.0, min(spec["interval"], 10.0)))
     _flush_prefect(timeout=3.0)

@@ -210,6 +210,16 @@ def test_bad_interval_is_one_line(tmp_path, capsys):
     assert "--interval" in capsys.readouterr().err
 
 
+def test_bad_cron_is_one_line_before_anything_starts(tmp_path, capsys):
+    from flows.cli import main
+
+    sets = [x for s in smoke_args(tmp_path, policy_copy(tmp_path)) for x in ("--set", s)]
+    assert main(["watch", "--config", str(REPO / "configs" / "smoke.yaml"), *sets, "--cron", "every day"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "trace-realign: error: --cron 'every day': not a valid cron expression (minute hour day month weekday)"
+    assert not (tmp_path / "work" / "watch" / "server.log").exists()
+
+
 # --- against real servers --------------------------------------------------------------------------
 
 
