@@ -20,7 +20,7 @@ from flows.stages import STAGES
 
 from flows.workdir import workdir_lock
 from tasks import plots, tracking
-from tasks.artifacts import HashMemo, file_sha256, folder_sha256, read_parquet, write_json_at
+from tasks.artifacts import HashMemo, read_parquet, write_json_at
 from tasks.common import RunContext, StageResult
 from tasks.evaluate import evaluate_stage
 from tasks.judge import judge_shard
@@ -41,22 +41,23 @@ REFERENCE_TRAINING_KEYS = ("full_finetune", "lora", "max_length", "max_prompt_le
 PACKAGES = ("trace-realign", "torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "prefect", "mlflow", "openai")
 
 
-def data_fingerprint(data: dict) -> str:
+def data_fingerprint(data: dict, memo: HashMemo) -> str:
+    """The content hash of the data file or folder; a Hugging Face hub name is identified by name,
+    split and config."""
     path = Path(data["path"])
-    if path.is_file():
-        return file_sha256(path)
-    if path.is_dir():
-        return folder_sha256(path)
+    if path.exists():
+        return memo.content(path)
     return text_sha256(["hf", data["path"], data.get("split"), data.get("config_name")])
 
 
-def model_fingerprint(spec: str) -> str:
+def model_fingerprint(spec: str, memo: HashMemo) -> str:
+    """A prepared known model by what it was made from; any other model folder by its contents."""
     folder = Path(resolve_model(spec))
     marker = read_marker(folder)
     if marker and marker.get("fingerprint"):
         # A prepared model is identified by what it was made from (hashing 500 MB each run is waste).
         return text_sha256([marker["fingerprint"], marker.get("transformers_version")])
-    return folder_sha256(folder)
+    return memo.content(folder)
 
 
 def git_commit() -> str | None:
@@ -79,14 +80,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def input_fingerprints(cfg: PipelineConfig, workdir: Path) -> dict[str, str]:
+def input_fingerprints(cfg: PipelineConfig, memo: HashMemo) -> dict[str, str]:
     """``{setting: sha256}`` for every file or folder a setting names (gold pairs, held-out prompts,
     labels, judge model folders, ...): stages are keyed on these contents, never on a path whose
-    file could change behind it. Hashes are remembered per file stamp (:class:`HashMemo`)."""
-    memo = HashMemo(workdir / "cache" / "file_hashes.json")
-    out = {setting: memo.content(path) for setting, path in sorted(input_files(cfg).items())}
-    memo.save()
-    return out
+    file could change behind it."""
+    return {setting: memo.content(path) for setting, path in sorted(input_files(cfg).items())}
 
 
 def _inputs_for(fingerprints: dict[str, str], *sections: str) -> dict[str, str]:
@@ -162,9 +160,12 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
     uri = tracking.tracking_uri(workdir, cfg.mlflow.tracking_uri)
     policy = load_policy(cfg.policy.path)
     data = cfg.section("data")
-    data_sha = data_fingerprint(data)
-    model_sha = model_fingerprint(cfg.model.path)
-    files = input_fingerprints(cfg, workdir)
+    # Content hashes, remembered per file stamp so unchanged large files are not read again.
+    memo = HashMemo(workdir / "cache" / "file_hashes.json")
+    data_sha = data_fingerprint(data, memo)
+    model_sha = model_fingerprint(cfg.model.path, memo)
+    files = input_fingerprints(cfg, memo)
+    memo.save()
     registered, registered_from = tracking.registered_model_name(cfg.run.name, cfg.mlflow.registered_model_name)
     c = tracking.client(uri)
     exp = tracking.experiment_id(c, cfg.mlflow.experiment, workdir)

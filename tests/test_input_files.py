@@ -123,3 +123,26 @@ def test_every_setting_that_names_a_file_is_keyed_on_content():
         is_remote_model = leaf == "model" and owner.__name__ == "OpenAIJudgeConfig"  # a name on a server
         if any(w in leaf for w in looks_like_a_path) or (leaf == "model" and not is_remote_model):
             assert marked or dotted in NOT_INPUT_FILES, f"{dotted} ({owner.__name__}) names a file but is not keyed on its content"
+
+
+def test_the_hash_memo_rehashes_a_file_edited_behind_a_restored_timestamp(tmp_path):
+    import hashlib
+    import os
+
+    from tasks.artifacts import HashMemo, folder_sha256
+
+    data = tmp_path / "gold.jsonl"
+    data.write_text("one\n")
+    memo_file = tmp_path / "memo.json"
+    memo = HashMemo(memo_file)
+    assert memo.content(data) == hashlib.sha256(b"one\n").hexdigest()
+    memo.save()
+    again = HashMemo(memo_file)
+    assert again.content(data) == hashlib.sha256(b"one\n").hexdigest() and not again._dirty  # remembered, not re-read
+    stamp = data.stat()
+    data.write_text("two\n")  # same size, and the modification time set back
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert HashMemo(memo_file).content(data) == hashlib.sha256(b"two\n").hexdigest()  # the change time moved
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text("a")
+    assert HashMemo(None).content(tmp_path / "folder") == folder_sha256(tmp_path / "folder")
