@@ -154,7 +154,10 @@ def cmd_ui(args) -> int:
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    # Both set explicitly: a process started in the background of a script inherits SIGINT ignored,
+    # and would otherwise never stop on Ctrl-C or leave its server behind.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait()
