@@ -607,9 +607,8 @@ class Stop:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # Only count: printing here could re-enter a print the main thread is in the middle of.
         self.signals += 1
-        if self.signals == 1:
-            print("stopping watch (Ctrl-C again stops it at once) ...", flush=True)
 
     @property
     def requested(self) -> bool:
@@ -644,6 +643,7 @@ def supervise(
             return None if asked_at is not None else code
         if stop.requested and asked_at is None:
             asked_at = time.monotonic()
+            print("stopping watch (Ctrl-C again stops it at once) ...", flush=True)
             if not stop.forced:
                 # Best effort, for a few seconds: a slow or lost server must not hold up the stop.
                 helper = threading.Thread(target=_quietly, args=(before_stop,), daemon=True)
