@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import ROOT
+from tests.test_pipeline import ROOT, cli
 
 
 def adapter_files(out: Path, seed: str, tiny_model_dir: Path) -> dict[str, bytes]:
@@ -38,11 +38,10 @@ def test_an_adapter_saved_under_two_hash_seeds_is_the_same_bytes(tmp_path, tiny_
 
 def manifest_of(tmp_path: Path, seed: str) -> dict:
     work = tmp_path / f"work-{seed}"
-    env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--no-progress",
-         "--set", f"run.workdir={work}", "--set", "training.max_steps=2", "--set", "evaluation.max_prompts=3"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    proc = cli(
+        ["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--no-progress", "--set", f"run.workdir={work}",
+         "--set", "training.max_steps=2", "--set", "evaluation.max_prompts=3"],
+        ROOT, env={"PYTHONHASHSEED": seed},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(Path(proc.stdout.split("manifest:")[1].split()[0]).read_text())

@@ -231,7 +231,7 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_result(tmp_path, case, needl
         assert not list((work / "artifacts" / "verdicts").glob("*.parquet"))
 
 
-def kill_run_after(config: Path, cwd: Path, server, requests: int, timeout: float = 180) -> None:
+def kill_run_after(config: Path, cwd: Path, server, requests: int, timeout: float = 120) -> None:
     """Start ``run --until judge`` and SIGKILL it (with its process group) once the judge has had
     ``requests`` requests."""
     proc = subprocess.Popen(
@@ -268,7 +268,7 @@ def test_sigkill_during_judging_then_rerun(tmp_path):
 def test_smoke_config_runs_the_whole_dag_from_the_cli(tmp_path):
     """configs/smoke.yaml end to end (annotations oracle, embedding judge for the generations)."""
     work = tmp_path / "smoke"
-    proc = cli(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={work}"], ROOT, timeout=600)
+    proc = cli(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={work}"], ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "judge_accuracy" in proc.stdout and "manifest:" in proc.stdout
     manifest = json.loads(Path(proc.stdout.split("manifest:")[1].split()[0]).read_text())

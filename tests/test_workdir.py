@@ -85,7 +85,7 @@ def test_two_runs_started_together_on_a_new_workdir(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"]
         procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        outs = [p.communicate(timeout=300) for p in procs]
+        outs = [p.communicate(timeout=240) for p in procs]
         codes = sorted(p.returncode for p in procs)
         for _, err in outs:
             assert "Traceback" not in err, err[-3000:]
