@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from flows.stages import STAGES  # noqa: E402
+from trace_realign.flows.stages import STAGES  # noqa: E402
 
 TARGET_S = 20 * 60
 
@@ -42,7 +42,7 @@ def main() -> int:
     env = {**os.environ}
     if not args.keep_model_cache:
         env["TRACE_REALIGN_HOME"] = str(tmp / "home")
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/demo.yaml", "--no-progress",
+    cmd = [sys.executable, "-m", "trace_realign.flows.cli", "run", "--config", "configs/demo.yaml", "--no-progress",
            "--set", f"run.workdir={tmp / 'work'}"]
     for item in args.set:
         cmd += ["--set", item]

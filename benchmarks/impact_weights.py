@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trace_core.impact import _row_batches, _rows, gold_gradient, impact_scores, loss_coefficients, reference_logps  # noqa: E402
-from trace_core.modeling import trainable_parameters  # noqa: E402
-from trace_core.logprobs import forward_logits, response_logps  # noqa: E402
-from trace_core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
-from trace_core.objective import Sample, SampleKind  # noqa: E402
-from trace_core.tokenization import Encoder, pad_sequences  # noqa: E402
+from trace_realign.core.impact import _row_batches, _rows, gold_gradient, impact_scores, loss_coefficients, reference_logps  # noqa: E402
+from trace_realign.core.modeling import trainable_parameters  # noqa: E402
+from trace_realign.core.logprobs import forward_logits, response_logps  # noqa: E402
+from trace_realign.core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
+from trace_realign.core.objective import Sample, SampleKind  # noqa: E402
+from trace_realign.core.tokenization import Encoder, pad_sequences  # noqa: E402
 
 TOPICS = [
     "the trolley problem", "civil disobedience", "abortion policy", "password security", "index funds",
@@ -117,8 +117,8 @@ def main():
     ap.add_argument("--model", default=None, help="smollm2-135m-instruct, tiny-random or a folder")
     args = ap.parse_args()
 
-    from trace_core.assets import prepare_model
-    from trace_core.errors import TraceError
+    from trace_realign.core.assets import prepare_model
+    from trace_realign.core.errors import TraceError
 
     name = args.model
     if name is None:

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the fake server lives with the tests
 
 from tests.oracle_fakes import FakeJudgeProcess, right_answer  # noqa: E402
-from trace_core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge  # noqa: E402
-from trace_core.policy import parse_policy  # noqa: E402
+from trace_realign.core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge  # noqa: E402
+from trace_realign.core.policy import parse_policy  # noqa: E402
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 WORK = Path(tempfile.mkdtemp(prefix="trace-overhead-"))
 
 os.chdir(ROOT)
-from flows.settings import prefect_environment  # noqa: E402
+from trace_realign.flows.settings import prefect_environment  # noqa: E402
 
 os.environ.update(prefect_environment(WORK))
 
@@ -37,8 +37,8 @@ def main():
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from flows.realign import realign
-    from trace_core.config import load_config
+    from trace_realign.flows.realign import realign
+    from trace_realign.core.config import load_config
 
     @flow(name="warm-up")
     def warm_up():

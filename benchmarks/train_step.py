@@ -5,8 +5,8 @@ size, max length, steps, learning rate, fp32, no gradient checkpointing, gradien
 
 Configurations, each in its own child process (so each peak RSS is that configuration's own):
 
-- ``trace``:    ``trace_core.training.train`` on plain DPO pairs (all PREFER samples, uniform weights),
-                reference log-probs precomputed once by ``trace_core.impact.reference_logps``
+- ``trace``:    ``trace_realign.core.training.train`` on plain DPO pairs (all PREFER samples, uniform weights),
+                reference log-probs precomputed once by ``trace_realign.core.impact.reference_logps``
                 (TRACE's reference stage); the training step has no reference forward.
 - ``trl``:      ``trl.DPOTrainer`` + ``DPOConfig`` + a peft ``LoraConfig`` on the same pairs (sigmoid loss,
                 the same beta); TRL's default ``precompute_ref_log_probs=False``, so it runs a no-grad
@@ -14,8 +14,8 @@ Configurations, each in its own child process (so each peak RSS is that configur
 - ``baseline``: one model copy with its activations: a plain loop of forward + backward + AdamW step of
                 the same LoRA model on exactly the batches the ``trace`` run saw (the same loss graph,
                 no reference pass, no Trainer). The memory floor for ``trace``.
-- ``mixed`` (optional, ``--mixed``): ``trace_core.training.train`` on a mixed TRACE batch (INVERT, PUNISH
-                and RETAIN thirds) built by ``trace_core.reference.run_reference_stage`` with impact
+- ``mixed`` (optional, ``--mixed``): ``trace_realign.core.training.train`` on a mixed TRACE batch (INVERT, PUNISH
+                and RETAIN thirds) built by ``trace_realign.core.reference.run_reference_stage`` with impact
                 weights; RETAIN samples need a no-grad reference forward (full logits) for their KL.
 
 Tokens are the non-padding tokens (prompt + response, chosen + rejected) of the sequences that the
@@ -107,7 +107,7 @@ def synthetic_pairs(tokenizer, n: int, max_length: int, seed: int = SEED) -> lis
     the rendered prompt (minus a small margin), so sequences vary in length as real data does but
     nothing is truncated and both trainers see exactly the same token sequences.
     """
-    from trace_core.tokenization import render_prompt
+    from trace_realign.core.tokenization import render_prompt
 
     rng = random.Random(seed)
 
@@ -213,7 +213,7 @@ def summarize(name: str, times: list[float], meter: TokenMeter, warmup: int, ste
 
 
 def base_settings(args):
-    from trace_core.training import TrainSettings
+    from trace_realign.core.training import TrainSettings
 
     return TrainSettings(
         beta=BETA,
@@ -233,14 +233,14 @@ def base_settings(args):
 
 
 def lora_model(model_path):
-    from trace_core.modeling import LoraSettings, add_lora, load_model
+    from trace_realign.core.modeling import LoraSettings, add_lora, load_model
 
     return add_lora(load_model(model_path), LoraSettings(**LORA), seed=SEED)
 
 
 def prefer_samples(tokenizer, pairs, max_length):
-    from trace_core.objective import Sample, SampleKind
-    from trace_core.tokenization import Encoder
+    from trace_realign.core.objective import Sample, SampleKind
+    from trace_realign.core.tokenization import Encoder
 
     encoder = Encoder(tokenizer, max_length=max_length)
     samples = [
@@ -256,9 +256,9 @@ def common_imports():
     import transformers  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    import trace_core.impact  # noqa: F401
-    import trace_core.reference  # noqa: F401
-    import trace_core.training  # noqa: F401
+    import trace_realign.core.impact  # noqa: F401
+    import trace_realign.core.reference  # noqa: F401
+    import trace_realign.core.training  # noqa: F401
 
     torch.manual_seed(SEED)
 
@@ -269,9 +269,9 @@ def common_imports():
 def child_trace(args) -> dict:
     from dataclasses import replace
 
-    from trace_core.impact import reference_logps
-    from trace_core.modeling import load_tokenizer
-    from trace_core.training import train
+    from trace_realign.core.impact import reference_logps
+    from trace_realign.core.modeling import load_tokenizer
+    from trace_realign.core.training import train
 
     rss_imports = rss_mb()
     tokenizer = load_tokenizer(args.model_path)
@@ -321,10 +321,10 @@ def child_baseline(args) -> dict:
     """One model copy with its activations: forward + backward + AdamW on the trace run's batches."""
     import torch
 
-    from trace_core.logprobs import forward_logits, response_logps
-    from trace_core.modeling import load_tokenizer
-    from trace_core.objective import SampleKind, conflict_losses, flatten_sequences, gather_pairs
-    from trace_core.tokenization import pad_sequences
+    from trace_realign.core.logprobs import forward_logits, response_logps
+    from trace_realign.core.modeling import load_tokenizer
+    from trace_realign.core.objective import SampleKind, conflict_losses, flatten_sequences, gather_pairs
+    from trace_realign.core.tokenization import pad_sequences
 
     rss_imports = rss_mb()
     tokenizer = load_tokenizer(args.model_path)
@@ -366,8 +366,8 @@ def child_trl(args) -> dict:
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from trace_core.modeling import load_model, load_tokenizer
-    from trace_core.tokenization import render_prompt
+    from trace_realign.core.modeling import load_model, load_tokenizer
+    from trace_realign.core.tokenization import render_prompt
 
     rss_imports = rss_mb()
     tokenizer = load_tokenizer(args.model_path)
@@ -448,12 +448,12 @@ def child_trl(args) -> dict:
 
 def child_mixed(args) -> dict:
     """The TRACE objective on a mixed batch: a third INVERT, a third PUNISH, a third RETAIN."""
-    from trace_core.data import PreferencePair
-    from trace_core.modeling import load_tokenizer
-    from trace_core.reference import ReferenceSettings, run_reference_stage
-    from trace_core.tokenization import Encoder
-    from trace_core.training import train
-    from trace_core.triage import triage_pairs
+    from trace_realign.core.data import PreferencePair
+    from trace_realign.core.modeling import load_tokenizer
+    from trace_realign.core.reference import ReferenceSettings, run_reference_stage
+    from trace_realign.core.tokenization import Encoder
+    from trace_realign.core.training import train
+    from trace_realign.core.triage import triage_pairs
 
     rss_imports = rss_mb()
     tokenizer = load_tokenizer(args.model_path)
@@ -556,8 +556,8 @@ def main(argv=None):
     if (args.warmup + args.steps) * args.batch_size > args.pairs:
         p.error("--pairs must cover (warmup + steps) * batch-size pairs (one epoch, no pair seen twice)")
 
-    from trace_core.assets import prepare_model
-    from trace_core.errors import TraceError
+    from trace_realign.core.assets import prepare_model
+    from trace_realign.core.errors import TraceError
 
     if args.model is None:
         try:
@@ -566,7 +566,7 @@ def main(argv=None):
             print(f"SmolLM2-135M-Instruct unavailable ({exc}); using tiny-random")
             args.model_path, model_name = prepare_model("tiny-random"), "tiny-random"
     else:
-        from trace_core.assets import resolve_model
+        from trace_realign.core.assets import resolve_model
 
         args.model_path, model_name = resolve_model(args.model), args.model
 

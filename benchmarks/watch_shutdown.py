@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows import watch  # noqa: E402
+from trace_realign.flows import watch  # noqa: E402
 
 BOUND_S = watch.BEFORE_STOP_S + watch.STOP_GRACE_S + watch.SERVER_STOP_TIMEOUT_S
 

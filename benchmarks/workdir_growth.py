@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 WORK = Path(tempfile.mkdtemp(prefix="trace-growth-")) / "run"
 
 os.chdir(ROOT)
-from flows.settings import prefect_environment  # noqa: E402
+from trace_realign.flows.settings import prefect_environment  # noqa: E402
 
 os.environ.update(prefect_environment(WORK))
 PARTS = ("prefect", "mlflow.db", "mlruns", "runs", "artifacts", "verdicts.sqlite", "cache")
@@ -44,10 +44,10 @@ def sizes() -> dict[str, int]:
 
 
 def main() -> None:
-    from flows.gc import apply_gc, plan_gc
-    from flows.realign import realign
-    from tasks.tracking import tracking_uri
-    from trace_core.config import load_config
+    from trace_realign.flows.gc import apply_gc, plan_gc
+    from trace_realign.flows.realign import realign
+    from trace_realign.tasks.tracking import tracking_uri
+    from trace_realign.core.config import load_config
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"run.workdir={WORK}"]).model_dump(mode="json")
     realign(cfg, progress=False)

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.settings import SERVER_STARTUP_SETTING, prefect_environment
+from trace_realign.flows.settings import SERVER_STARTUP_SETTING, prefect_environment
 
 EXIT_USER_ERROR = 2
 
@@ -71,11 +71,11 @@ def _print_summary(manifest: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from trace_core.config import load_config
+    from trace_realign.core.config import load_config
 
     cfg = load_config(args.config, args.set)
-    from flows.preflight import preflight
-    from flows.workdir import workdir_lock
+    from trace_realign.flows.preflight import preflight
+    from trace_realign.flows.workdir import workdir_lock
 
     preflight(cfg)
     # The lock comes first: Prefect's local server keeps its database in the working folder.
@@ -85,13 +85,13 @@ def cmd_run(args) -> int:
 
 
 def _run_locked(cfg, args) -> int:
-    from trace_core.assets import KNOWN_MODELS, is_prepared
-    from trace_core.errors import TraceError
+    from trace_realign.core.assets import KNOWN_MODELS, is_prepared
+    from trace_realign.core.errors import TraceError
 
     if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
         print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", flush=True)
     _quiet_libraries()
-    from flows.realign import realign
+    from trace_realign.flows.realign import realign
 
     try:
         manifest = realign(
@@ -109,14 +109,14 @@ def _run_locked(cfg, args) -> int:
 
 
 def cmd_prepare_model(args) -> int:
-    from trace_core.assets import prepare_model
+    from trace_realign.core.assets import prepare_model
 
     print(prepare_model(args.name, Path(args.cache_dir) if args.cache_dir else None))
     return 0
 
 
 def _last(workdir: str) -> dict:
-    from trace_core.errors import TraceError
+    from trace_realign.core.errors import TraceError
 
     pointer = Path(workdir, "runs", "last.json")
     if not pointer.is_file():
@@ -144,7 +144,7 @@ def cmd_ui(args) -> int:
     import signal
     import subprocess
 
-    from tasks.tracking import tracking_uri
+    from trace_realign.tasks.tracking import tracking_uri
 
     uri = args.tracking_uri or tracking_uri(args.workdir, None)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -164,14 +164,14 @@ def cmd_ui(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        from flows.watch import stop_process_group
+        from trace_realign.flows.watch import stop_process_group
 
         if proc.poll() is None:
             stop_process_group(proc)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.stages import STAGES
+    from trace_realign.flows.stages import STAGES
 
     ap = argparse.ArgumentParser(prog="trace-realign", description="Realign a model to a changed policy (TRACE).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -207,18 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--cron", default=None, help="also realign on this schedule")
     watch.add_argument("--server", default=None, help="Prefect API URL of a running server; default: start one")
     watch.add_argument("--until", default="evaluate", choices=STAGES, help="the stage each triggered run stops after")
-    watch.set_defaults(func=lambda a: __import__("flows.watch", fromlist=["cmd_watch"]).cmd_watch(a))
+    watch.set_defaults(func=lambda a: __import__("trace_realign.flows.watch", fromlist=["cmd_watch"]).cmd_watch(a))
     gc = sub.add_parser("gc", help="delete what the last runs do not need (dry run unless --yes)")
     gc.add_argument("--workdir", default=".trace")
     gc.add_argument("--keep", type=int, default=3, help="keep the last N runs and everything they reference")
     gc.add_argument("--tracking-uri", default=None, help="the MLflow store, when the runs used another one")
     gc.add_argument("--yes", action="store_true", help="delete (without it: only show what would go)")
-    gc.set_defaults(func=lambda a: __import__("flows.gc", fromlist=["cmd_gc"]).cmd_gc(a))
+    gc.set_defaults(func=lambda a: __import__("trace_realign.flows.gc", fromlist=["cmd_gc"]).cmd_gc(a))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trace_core.errors import TraceError
+    from trace_realign.core.errors import TraceError
 
     args = build_parser().parse_args(argv)
     try:

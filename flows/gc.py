@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trace_core.errors import TraceError
+from trace_realign.core.errors import TraceError
 
 KEEP_ALWAYS = ("verdicts.sqlite", "verdicts.sqlite-wal", "verdicts.sqlite-shm", "workdir.lock")
 
@@ -180,7 +180,7 @@ def plan_gc(workdir: str | Path, keep: int, uri: str | None = None) -> GcPlan:
     # the result files); ``watch``'s server (server.db) holds the UI's history and stays.
     plan.paths += sorted((folder / "prefect").glob("prefect.db*"))
 
-    from tasks import tracking
+    from trace_realign.tasks import tracking
 
     uri = uri or _tracking_uri(folder, all_manifests)
     plan.mlflow_runs = tracking.runs_to_delete(uri, folder, keep_runs)
@@ -189,7 +189,7 @@ def plan_gc(workdir: str | Path, keep: int, uri: str | None = None) -> GcPlan:
 
 
 def _tracking_uri(folder: Path, all_manifests: list[dict[str, Any]]) -> str:
-    from tasks import tracking
+    from trace_realign.tasks import tracking
 
     for m in all_manifests:
         configured = (m.get("config") or {}).get("mlflow", {}).get("tracking_uri")
@@ -200,7 +200,7 @@ def _tracking_uri(folder: Path, all_manifests: list[dict[str, Any]]) -> str:
 
 def apply_gc(plan: GcPlan, uri: str) -> None:
     """Delete what ``plan`` lists: files and folders, then the MLflow runs (purged where possible)."""
-    from tasks import tracking
+    from trace_realign.tasks import tracking
 
     for p in plan.paths:
         if p.name in KEEP_ALWAYS:
@@ -222,7 +222,7 @@ def apply_gc(plan: GcPlan, uri: str) -> None:
 
 def cmd_gc(args) -> int:
     """``trace-realign gc --workdir DIR [--keep N] [--yes]``."""
-    from flows.workdir import workdir_lock
+    from trace_realign.flows.workdir import workdir_lock
 
     if not Path(args.workdir, "runs").is_dir():
         raise TraceError(f"{Path(args.workdir).resolve()}: not a trace-realign working folder (no runs/ in it)")

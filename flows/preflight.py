@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trace_core.config import PipelineConfig
-from trace_core.errors import ConfigError, DataError
-from trace_core.policy import load_policy
+from trace_realign.core.config import PipelineConfig
+from trace_realign.core.errors import ConfigError, DataError
+from trace_realign.core.policy import load_policy
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -25,11 +25,11 @@ def preflight(cfg: PipelineConfig) -> None:
         if value and not Path(value).exists():
             raise ConfigError(f"{setting}: file not found: {value}")
     if cfg.evaluation.enabled and cfg.evaluation.prompts_path:
-        from trace_core.data import load_prompts
+        from trace_realign.core.data import load_prompts
 
         load_prompts(cfg.evaluation.prompts_path)
     if cfg.evaluation.labels_path:
-        from trace_core.evaluation import load_generation_labels
+        from trace_realign.core.evaluation import load_generation_labels
 
         load_generation_labels(cfg.evaluation.labels_path, policy)
     check_names(cfg)
@@ -38,7 +38,7 @@ def preflight(cfg: PipelineConfig) -> None:
 def check_names(cfg: PipelineConfig) -> None:
     """Every name the run will send to MLflow that comes from the user is valid, or has a valid
     mapping: checked here, so a bad name never fails a run after its expensive stages."""
-    from tasks import tracking
+    from trace_realign.tasks import tracking
 
     tracking.check_experiment_name(cfg.mlflow.experiment)
     if cfg.mlflow.register_model:

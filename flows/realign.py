@@ -16,24 +16,24 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import STAGES
+from trace_realign.flows.stages import STAGES
 
-from flows.workdir import workdir_lock
-from tasks import plots, tracking
-from tasks.artifacts import HashMemo, read_parquet, write_json_at
-from tasks.common import RunContext, StageResult
-from tasks.evaluate import evaluate_stage
-from tasks.judge import judge_shard
-from tasks.load import load_data
-from tasks.partition import triage_and_partition
-from tasks.reference import reference_stage
-from tasks.train import train_stage
-from trace_core.assets import read_marker, resolve_model
-from trace_core.config import PipelineConfig, input_files
-from trace_core.data import text_sha256
-from trace_core.errors import TraceError
-from trace_core.oracle import check_unknown_share, verdict_triples
-from trace_core.policy import load_policy
+from trace_realign.flows.workdir import workdir_lock
+from trace_realign.tasks import plots, tracking
+from trace_realign.tasks.artifacts import HashMemo, read_parquet, write_json_at
+from trace_realign.tasks.common import RunContext, StageResult
+from trace_realign.tasks.evaluate import evaluate_stage
+from trace_realign.tasks.judge import judge_shard
+from trace_realign.tasks.load import load_data
+from trace_realign.tasks.partition import triage_and_partition
+from trace_realign.tasks.reference import reference_stage
+from trace_realign.tasks.train import train_stage
+from trace_realign.core.assets import read_marker, resolve_model
+from trace_realign.core.config import PipelineConfig, input_files
+from trace_realign.core.data import text_sha256
+from trace_realign.core.errors import TraceError
+from trace_realign.core.oracle import check_unknown_share, verdict_triples
+from trace_realign.core.policy import load_policy
 
 # What the reference stage depends on: other training settings (learning rate, steps, test switches)
 # must not invalidate its cached scores.
@@ -295,7 +295,7 @@ def _log_triage_plot(c, pid, triaged: StageResult) -> None:
 def _log_weight_plot(c, pid, ref: StageResult) -> None:
     import tempfile
 
-    from tasks.artifacts import read_parquet
+    from trace_realign.tasks.artifacts import read_parquet
 
     rows = read_parquet(ref.artifacts["weights"]["path"]).to_pylist()
     weights = [r["weight"] for r in rows if r["kind"] != "retain"]

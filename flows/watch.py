@@ -5,7 +5,7 @@ Prefect has no file-change trigger, so ``watch`` serves two deployments on a rea
 * ``realign/<run.name>``: the realign flow with the validated config as its parameter, optionally on
   a cron schedule (``--cron``);
 * ``policy-watcher/<run.name>``: a small flow on an interval (``--interval``) that hashes the policy
-  document (:attr:`trace_core.policy.Policy.sha256`, the canonical content hash), compares it with
+  document (:attr:`trace_realign.core.policy.Policy.sha256`, the canonical content hash), compares it with
   the last hash it saw, and on a change starts exactly one realign run with ``run_deployment``.
 
 The last hash lives in ``<workdir>/watch/policy_state.json`` (written atomically), so restarting
@@ -61,8 +61,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from trace_core.errors import ConfigError, TraceError
-from trace_core.policy import load_policy
+from trace_realign.core.errors import ConfigError, TraceError
+from trace_realign.core.policy import load_policy
 
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 5.0
@@ -94,7 +94,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
     """Replace the state file atomically, so a crash leaves the old or the new state, never half."""
-    from tasks.artifacts import write_json_at
+    from trace_realign.tasks.artifacts import write_json_at
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_at(state, path)
@@ -279,7 +279,7 @@ def server_environment(workdir: str | Path) -> dict[str, str]:
     Its database is ``<workdir>/prefect/server.db``, not the default ``prefect.db``, which the
     temporary server of a concurrent ``trace-realign run`` in the same folder uses.
     """
-    from flows.settings import prefect_environment
+    from trace_realign.flows.settings import prefect_environment
 
     env = {**os.environ, **prefect_environment(workdir)}
     env.pop("PREFECT_API_URL", None)
@@ -340,7 +340,7 @@ def watch_environment(workdir: str | Path, api_url: str) -> dict[str, str]:
     (a failed run, a lost server), next to the watcher's own lines: no library warnings or progress
     bars from the runs either.
     """
-    from flows.settings import QUIET_LIBRARIES, prefect_environment
+    from trace_realign.flows.settings import QUIET_LIBRARIES, prefect_environment
 
     return {
         **prefect_environment(workdir),
@@ -376,7 +376,7 @@ def build_deployments(cfg, config_path: str, interval: float, cron: str | None, 
     """
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.realign import realign
+    from trace_realign.flows.realign import realign
 
     name = deployment_name(cfg.run.name)
     renamed = f" (run.name {cfg.run.name!r})" if name != cfg.run.name else ""
@@ -439,7 +439,7 @@ def note_interrupted(client, workdir: str | Path, realign_deployment: str) -> li
     """Record the realign runs in flight (about to be cancelled by a stopping ``watch``)."""
     ids = [str(r.id) for r in _deployment_runs(client, realign_deployment, _LIVE_TYPES)]
     if ids:
-        from tasks.artifacts import write_json_at
+        from trace_realign.tasks.artifacts import write_json_at
 
         path = interrupted_path(workdir)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -464,7 +464,7 @@ def recover_interrupted_runs(client, deployments: list, workdir: str | Path, log
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    from flows.workdir import WorkdirBusy, workdir_lock
+    from trace_realign.flows.workdir import WorkdirBusy, workdir_lock
 
     try:
         with workdir_lock(workdir, "trace-realign watch (recovery)"):
@@ -547,7 +547,7 @@ def serve_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # watch stops this process with SIGTERM
     _exit_with_parent(int(spec["parent"]))
-    from trace_core.config import validate_config
+    from trace_realign.core.config import validate_config
 
     cfg = validate_config(spec["config"], spec["config_path"])
     deployments = build_deployments(cfg, spec["config_path"], spec["interval"], spec["cron"], spec["until"])
@@ -585,7 +585,7 @@ def _flush_prefect(timeout: float) -> None:
 
 def check_cron(cron: str, workdir: Path) -> None:
     """ConfigError naming ``--cron`` when Prefect would refuse the expression."""
-    from flows.settings import prefect_environment
+    from trace_realign.flows.settings import prefect_environment
 
     _use_prefect_settings(prefect_environment(workdir))  # before Prefect is first imported
     from prefect._internal.schemas.validators import validate_cron_string
@@ -663,9 +663,9 @@ def cmd_watch(args) -> int:
     A second Ctrl-C stops at once (exit 130). A serving process that dies on its own ends watch
     with one line and exit 1.
     """
-    from flows.preflight import preflight
-    from flows.stages import STAGES
-    from trace_core.config import load_config
+    from trace_realign.flows.preflight import preflight
+    from trace_realign.flows.stages import STAGES
+    from trace_realign.core.config import load_config
 
     cfg = load_config(args.config, args.set)
     if not args.interval > 0:
@@ -702,7 +702,7 @@ def cmd_watch(args) -> int:
             print(f"serving realign/{name}{cron} and {WATCHER_FLOW_NAME}/{name}; Ctrl-C stops", flush=True)
             spec = workdir / "watch" / "serve.json"
             spec.parent.mkdir(parents=True, exist_ok=True)
-            from tasks.artifacts import write_json_at
+            from trace_realign.tasks.artifacts import write_json_at
 
             write_json_at(
                 {"config": cfg.model_dump(mode="json"), "config_path": str(args.config), "interval": args.interval,
@@ -710,7 +710,7 @@ def cmd_watch(args) -> int:
                 spec,
             )
             child = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from flows.watch import serve_main; sys.exit(serve_main(sys.argv[1]))", str(spec)],
+                [sys.executable, "-c", "import sys; from trace_realign.flows.watch import serve_main; sys.exit(serve_main(sys.argv[1]))", str(spec)],
                 env={**os.environ, **watch_environment(workdir, api_url)}, stdin=subprocess.DEVNULL, start_new_session=True,
             )
             _use_prefect_settings(watch_environment(workdir, api_url))

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from trace_core.errors import TraceError
+from trace_realign.core.errors import TraceError
 
 LOCK_NAME = "workdir.lock"
 POLL_SECONDS = 1.0

@@ -3,7 +3,7 @@
 What it writes (all small UTF-8 text, committed to the repo):
 
 - ``data/demo/pairs.jsonl``: preference pairs (prompt, chosen, rejected) in the schema of
-  ``trace_core.data`` with per-response annotations for the annotation judge (``is_safe``,
+  ``trace_realign.core.data`` with per-response annotations for the annotation judge (``is_safe``,
   ``harm_categories`` with all 19 PKU-SafeRLHF names, ``severity`` 0-3, ``refusal``) and metadata
   (``prompt_tags``, ``source``, ``license``, ``responses_license``, ``group``, ``expected``, ...).
   It is an *old* preference set: the old policy (configs/policies/old.md) refused anything
@@ -69,7 +69,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trace_core.oracle.annotations import PKU_HARM_CATEGORIES  # noqa: E402
+from trace_realign.core.oracle.annotations import PKU_HARM_CATEGORIES  # noqa: E402
 
 SEED = 20251103
 OUT_DIR = ROOT / "data" / "demo"

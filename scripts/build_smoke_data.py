@@ -46,7 +46,7 @@ HARMFUL = [
 ]
 
 # The 19 PKU-SafeRLHF harm categories: every response carries all of them, true or false.
-from trace_core.oracle.annotations import PKU_HARM_CATEGORIES  # noqa: E402
+from trace_realign.core.oracle.annotations import PKU_HARM_CATEGORIES  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that topic because it is sensitive."
 

@@ -27,16 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trace_core.alignment import DpoSettings, dpo_align, sft_align  # noqa: E402
-from trace_core.data import load_pairs  # noqa: E402
-from trace_core.evaluation import generate, utility_proxy  # noqa: E402
-from trace_core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
-from trace_core.oracle import JudgeItem, judge_items, make_judge  # noqa: E402
-from trace_core.policy import load_policy  # noqa: E402
-from trace_core.reference import ReferenceSettings, run_reference_stage  # noqa: E402
-from trace_core.tokenization import Encoder  # noqa: E402
-from trace_core.training import TrainSettings, train  # noqa: E402
-from trace_core.triage import TriageType, is_holdout, triage_pairs  # noqa: E402
+from trace_realign.core.alignment import DpoSettings, dpo_align, sft_align  # noqa: E402
+from trace_realign.core.data import load_pairs  # noqa: E402
+from trace_realign.core.evaluation import generate, utility_proxy  # noqa: E402
+from trace_realign.core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
+from trace_realign.core.oracle import JudgeItem, judge_items, make_judge  # noqa: E402
+from trace_realign.core.policy import load_policy  # noqa: E402
+from trace_realign.core.reference import ReferenceSettings, run_reference_stage  # noqa: E402
+from trace_realign.core.tokenization import Encoder  # noqa: E402
+from trace_realign.core.training import TrainSettings, train  # noqa: E402
+from trace_realign.core.triage import TriageType, is_holdout, triage_pairs  # noqa: E402
 
 TRACE_DEFAULTS = {
     "beta": 0.3,
@@ -115,7 +115,7 @@ def run_trace(old_model, tokenizer, train_split, holdout, prompts, cfg, gen_kwar
 def sweep(args):
     import torch
 
-    from trace_core.assets import resolve_model
+    from trace_realign.core.assets import resolve_model
 
     grid = json.loads(Path(args.grid).read_text())
     out = Path(args.out)
@@ -172,7 +172,7 @@ def sweep(args):
 
 def judge_report(path):
     """TPA of every generation set in a sweep report by the local embedding judge."""
-    from tasks.evaluate import embedding_judge
+    from trace_realign.tasks.evaluate import embedding_judge
 
     report = json.loads(Path(path).read_text())
     pairs = load_pairs(ROOT / "data/demo/pairs.jsonl").pairs

@@ -46,7 +46,7 @@ def context_of(run: dict | RunContext) -> RunContext:
 
 def tree_sha256(roots) -> str:
     """sha256 over the names of ``roots`` and the relative paths and bytes of their ``*.py`` files."""
-    from tasks.artifacts import folder_sha256
+    from trace_realign.tasks.artifacts import folder_sha256
 
     return hashlib.sha256(json.dumps([[Path(r).name, folder_sha256(r, "*.py")] for r in roots]).encode()).hexdigest()
 
@@ -56,7 +56,7 @@ def code_fingerprint() -> str:
     """sha256 over the source of ``trace_core`` and ``tasks``: what a stage's result depends on
     besides its parameters. A change to a helper or to the library recomputes the stages (judge
     verdicts stay in the verdict cache, so no question is paid for twice)."""
-    import trace_core
+    import trace_realign.core as trace_core
 
     return tree_sha256([Path(trace_core.__file__).parent, Path(__file__).parent])
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import task
 
-from tasks import plots, tracking
-from tasks.artifacts import describe, read_parquet, write_json, write_parquet
-from tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
-from tasks.reference import read_triaged
-from trace_core.assets import resolve_model
-from trace_core.data import load_prompts
-from trace_core.errors import DataError
-from trace_core.evaluation import (
+from trace_realign.tasks import plots, tracking
+from trace_realign.tasks.artifacts import describe, read_parquet, write_json, write_parquet
+from trace_realign.tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
+from trace_realign.tasks.reference import read_triaged
+from trace_realign.core.assets import resolve_model
+from trace_realign.core.data import load_prompts
+from trace_realign.core.errors import DataError
+from trace_realign.core.evaluation import (
     EmbeddingComplianceJudge,
     RefusalAwareJudge,
     evaluate_generations,
@@ -32,9 +32,9 @@ from trace_core.evaluation import (
     load_generation_labels,
     utility_proxy,
 )
-from trace_core.modeling import load_adapter, load_model, load_tokenizer
-from trace_core.oracle import JudgeItem, VerdictCache, make_judge
-from trace_core.policy import load_policy
+from trace_realign.core.modeling import load_adapter, load_model, load_tokenizer
+from trace_realign.core.oracle import JudgeItem, VerdictCache, make_judge
+from trace_realign.core.policy import load_policy
 
 EVAL_SCHEMA = pa.schema(
     [

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pyarrow as pa
 from prefect import task
 
-from tasks import tracking
-from tasks.artifacts import describe, read_parquet, write_parquet
-from tasks.common import Bar, StageResult, context_of, stage_cache_key
-from trace_core.data import table_to_pairs
-from trace_core.oracle import VerdictCache, judge_items, judge_with_cache, make_judge
-from trace_core.policy import load_policy
+from trace_realign.tasks import tracking
+from trace_realign.tasks.artifacts import describe, read_parquet, write_parquet
+from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key
+from trace_realign.core.data import table_to_pairs
+from trace_realign.core.oracle import VerdictCache, judge_items, judge_with_cache, make_judge
+from trace_realign.core.policy import load_policy
 
 VERDICT_SCHEMA = pa.schema(
     [

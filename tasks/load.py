@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks import tracking
-from tasks.artifacts import describe, write_parquet
-from tasks.common import StageResult, context_of, stage_cache_key
-from trace_core.data import load_pairs, pairs_to_table
+from trace_realign.tasks import tracking
+from trace_realign.tasks.artifacts import describe, write_parquet
+from trace_realign.tasks.common import StageResult, context_of, stage_cache_key
+from trace_realign.core.data import load_pairs, pairs_to_table
 
 
 @task(name="load", cache_key_fn=stage_cache_key, persist_result=True)

@@ -9,16 +9,16 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import task
 
-from tasks import tracking
-from tasks.artifacts import describe, folder_sha256, publish_folder, read_parquet, write_parquet
-from tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
-from tasks.partition import table_to_triaged
-from trace_core.assets import resolve_model
-from trace_core.data import canonical_json, load_pairs
-from trace_core.impact import GoldPair
-from trace_core.modeling import LoraSettings, add_lora, load_model, load_tokenizer, save_adapter
-from trace_core.reference import ReferenceSettings, run_reference_stage
-from trace_core.tokenization import Encoder
+from trace_realign.tasks import tracking
+from trace_realign.tasks.artifacts import describe, folder_sha256, publish_folder, read_parquet, write_parquet
+from trace_realign.tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
+from trace_realign.tasks.partition import table_to_triaged
+from trace_realign.core.assets import resolve_model
+from trace_realign.core.data import canonical_json, load_pairs
+from trace_realign.core.impact import GoldPair
+from trace_realign.core.modeling import LoraSettings, add_lora, load_model, load_tokenizer, save_adapter
+from trace_realign.core.reference import ReferenceSettings, run_reference_stage
+from trace_realign.core.tokenization import Encoder
 
 WEIGHTS_SCHEMA = pa.schema(
     [

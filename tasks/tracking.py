@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from trace_core.errors import ConfigError
+from trace_realign.core.errors import ConfigError
 
 _MAX_PARAM = 500  # what the runs keep of a param value (MLflow's own limit is 6000 characters)
 MAX_KEY_LENGTH = 250  # MLflow's limit on metric, param and tag keys

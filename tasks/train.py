@@ -10,15 +10,15 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks import plots, tracking
-from tasks.artifacts import describe, read_parquet
-from tasks.common import StageResult, context_of, device_for, stage_cache_key
-from tasks.reference import encoder_for, read_triaged
-from trace_core.assets import resolve_model
-from trace_core.errors import TraceError
-from trace_core.modeling import load_adapter, load_model, load_tokenizer
-from trace_core.objective import build_samples
-from trace_core.training import TrainSettings, save_output, train
+from trace_realign.tasks import plots, tracking
+from trace_realign.tasks.artifacts import describe, read_parquet
+from trace_realign.tasks.common import StageResult, context_of, device_for, stage_cache_key
+from trace_realign.tasks.reference import encoder_for, read_triaged
+from trace_realign.core.assets import resolve_model
+from trace_realign.core.errors import TraceError
+from trace_realign.core.modeling import load_adapter, load_model, load_tokenizer
+from trace_realign.core.objective import build_samples
+from trace_realign.core.training import TrainSettings, save_output, train
 
 TRAIN_FIELDS = set(TrainSettings.__dataclass_fields__)
 

@@ -20,21 +20,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from trace_core.tiny import build_tiny_model
+    from trace_realign.core.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_tied_model_dir(tmp_path_factory):
-    from trace_core.tiny import build_tiny_model
+    from trace_realign.core.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-tied", tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from trace_core.modeling import load_tokenizer
+    from trace_realign.core.modeling import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

@@ -6,12 +6,12 @@ import random
 import torch
 
 from tests.conftest import random_text
-from trace_core.alignment import DpoSettings, dpo_align, dpo_samples
-from trace_core.data import PreferencePair
-from trace_core.impact import reference_logps
-from trace_core.modeling import is_peft, load_model
-from trace_core.objective import SampleKind
-from trace_core.tokenization import Encoder
+from trace_realign.core.alignment import DpoSettings, dpo_align, dpo_samples
+from trace_realign.core.data import PreferencePair
+from trace_realign.core.impact import reference_logps
+from trace_realign.core.modeling import is_peft, load_model
+from trace_realign.core.objective import SampleKind
+from trace_realign.core.tokenization import Encoder
 
 
 def _pairs(n=12, seed=0):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trace_core import assets
-from trace_core.assets import KNOWN_MODELS, default_cache_dir, prepare_model, read_marker, resolve_model
-from trace_core.errors import TraceError
+from trace_realign.core import assets
+from trace_realign.core.assets import KNOWN_MODELS, default_cache_dir, prepare_model, read_marker, resolve_model
+from trace_realign.core.errors import TraceError
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -84,14 +84,14 @@ def test_folder_without_marker_is_rebuilt(tmp_path):
 
 
 def test_crash_leaves_no_folder_that_looks_done(monkeypatch, tmp_path):
-    import trace_core.tiny
+    import trace_realign.core.tiny
 
     def crash(out, **kwargs):
         Path(out).mkdir()
         (Path(out) / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(trace_core.tiny, "build_tiny_model", crash)
+    monkeypatch.setattr(trace_realign.core.tiny, "build_tiny_model", crash)
     with pytest.raises(RuntimeError):
         prepare_model("tiny-random", tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -217,7 +217,7 @@ def test_aligned_model_is_fine_tuned_once_and_rebuilt_when_its_recipe_changes(mo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trace_core.assets import AlignedSource, KnownModel
+    from trace_realign.core.assets import AlignedSource, KnownModel
 
     name = "tiny-old-policy"
     source = AlignedSource(
@@ -245,7 +245,7 @@ def test_aligned_model_is_fine_tuned_once_and_rebuilt_when_its_recipe_changes(mo
 
 
 def test_aligned_model_names_a_missing_preference_file(monkeypatch, tmp_path):
-    from trace_core.assets import AlignedSource, KnownModel
+    from trace_realign.core.assets import AlignedSource, KnownModel
 
     source = AlignedSource(base="tiny-random", data="data/nowhere.jsonl", settings=())
     monkeypatch.setitem(KNOWN_MODELS, "gone", KnownModel("gone", "test", source))

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from tasks import common
+from trace_realign.tasks import common
 
 
 def _ctx():

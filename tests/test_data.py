@@ -5,14 +5,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trace_core.data import (
+from trace_realign.core.data import (
     PreferencePair,
     load_pairs,
     make_pair_id,
     pairs_to_table,
     table_to_pairs,
 )
-from trace_core.errors import DataError
+from trace_realign.core.errors import DataError
 
 ROWS = [
     {"prompt": "Is the trolley problem solvable?", "chosen": "I can't discuss that.", "rejected": "It is a dilemma..."},

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trace_core.data import (
+from trace_realign.core.data import (
     iter_rows,
     load_pairs,
     make_pair_id,
@@ -21,7 +21,7 @@ from trace_core.data import (
     parse_int,
     table_to_pairs,
 )
-from trace_core.errors import DataError
+from trace_realign.core.errors import DataError
 
 BOM = b"\xef\xbb\xbf"
 GOOD = {"prompt": "What is a tariff?", "chosen": "A tax on imports.", "rejected": "No idea."}

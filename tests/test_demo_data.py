@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from trace_core.data import load_pairs, validate_rows
-from trace_core.oracle import make_judge
-from trace_core.oracle.annotations import PKU_HARM_CATEGORIES
-from trace_core.policy import load_policy
-from trace_core.triage import TriageType, triage
+from trace_realign.core.data import load_pairs, validate_rows
+from trace_realign.core.oracle import make_judge
+from trace_realign.core.oracle.annotations import PKU_HARM_CATEGORIES
+from trace_realign.core.policy import load_policy
+from trace_realign.core.triage import TriageType, triage
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -45,7 +45,7 @@ def heldout():
 
 def _verdicts(pairs, policy_path):
     # The pipeline's own item builder: response annotations merged with metadata.prompt_tags.
-    from tasks.judge import judge_items
+    from trace_realign.tasks.judge import judge_items
 
     with make_judge({"backend": "annotations"}) as judge:
         verdicts = judge.judge(judge_items(pairs), load_policy(policy_path))

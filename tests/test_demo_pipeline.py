@@ -34,7 +34,7 @@ def test_demo_slice_with_the_real_model(tmp_path):
         "evaluation.max_new_tokens": 64,  # as in demo.yaml, so the labelled generations apply
         "evaluation.holdout_fraction": 0.25,
     }
-    args = [sys.executable, "-m", "flows.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"), "--no-progress"]
+    args = [sys.executable, "-m", "trace_realign.flows.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"), "--no-progress"]
     for k, v in overrides.items():
         args += ["--set", f"{k}={v}"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -63,7 +63,7 @@ def test_demo_slice_with_the_real_model(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trace_core.assets import resolve_model
+    from trace_realign.core.assets import resolve_model
 
     base_dir = resolve_model("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(base_dir)

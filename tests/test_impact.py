@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.conftest import random_text
-from trace_core.data import PreferencePair
-from trace_core.errors import TraceError
-from trace_core.impact import (
+from trace_realign.core.data import PreferencePair
+from trace_realign.core.errors import TraceError
+from trace_realign.core.impact import (
     brute_force_scores,
     build_gold_batch,
     gold_gradient,
@@ -14,11 +14,11 @@ from trace_core.impact import (
     impact_weights,
     reference_logps,
 )
-from trace_core.modeling import LoraSettings, add_lora, load_model
-from trace_core.objective import Sample, SampleKind
-from trace_core.reference import ReferenceSettings, run_reference_stage
-from trace_core.tokenization import Encoder
-from trace_core.triage import triage_pairs
+from trace_realign.core.modeling import LoraSettings, add_lora, load_model
+from trace_realign.core.objective import Sample, SampleKind
+from trace_realign.core.reference import ReferenceSettings, run_reference_stage
+from trace_realign.core.tokenization import Encoder
+from trace_realign.core.triage import triage_pairs
 
 
 def make_samples(tokenizer, n=10, seed=0):

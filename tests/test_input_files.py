@@ -67,7 +67,7 @@ def test_editing_an_evaluation_file_recomputes_the_evaluation(tmp_path, judge, s
 
 def test_replacing_the_judge_model_recomputes_judging(tmp_path, tiny_model_dir):
     """The oracle's model folder (a transformers judge) keys the judge stage on its contents."""
-    from trace_core.tiny import build_tiny_model
+    from trace_realign.core.tiny import build_tiny_model
 
     judge_dir = tmp_path / "judge-model"
     shutil.copytree(tiny_model_dir, judge_dir)
@@ -114,7 +114,7 @@ NOT_INPUT_FILES = {
 
 
 def test_every_setting_that_names_a_file_is_keyed_on_content():
-    from trace_core.config import PipelineConfig
+    from trace_realign.core.config import PipelineConfig
 
     looks_like_a_path = ("path", "dir", "file", "folder")
     for dotted, field, owner in _string_fields(PipelineConfig):
@@ -129,7 +129,7 @@ def test_the_hash_memo_rehashes_a_file_edited_behind_a_restored_timestamp(tmp_pa
     import hashlib
     import os
 
-    from tasks.artifacts import HashMemo, folder_sha256
+    from trace_realign.tasks.artifacts import HashMemo, folder_sha256
 
     data = tmp_path / "gold.jsonl"
     data.write_text("one\n")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trace_core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo, retain_kl, robust_dpo_loss
+from trace_realign.core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo, retain_kl, robust_dpo_loss
 
 # The hand-computed example: chosen -12, rejected -15, ref chosen -13, ref rejected -14, beta 0.1.
 PC, PR, RC, RR, BETA = -12.0, -15.0, -13.0, -14.0, 0.1

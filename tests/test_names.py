@@ -10,10 +10,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_metric_name, _validate_model_name
 
-from tasks import tracking
-from tasks.tracking import metric_key, registered_model_name
+from trace_realign.tasks import tracking
+from trace_realign.tasks.tracking import metric_key, registered_model_name
 from tests.test_pipeline import ROOT, assert_one_line_error, cli, judge, make_config, run_flow, write_config  # noqa: F401
-from trace_core.errors import ConfigError
+from trace_realign.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_bad_names_fail_before_any_stage_runs(tmp_path, override, needle):
 
 
 def test_deployment_names_drop_the_characters_prefect_refuses():
-    from flows.watch import deployment_name
+    from trace_realign.flows.watch import deployment_name
 
     assert deployment_name("smoke") == "smoke"
     assert deployment_name("team/smoke") == "team-smoke"

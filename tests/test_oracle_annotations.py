@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from trace_core.data import load_pairs
-from trace_core.errors import DataError, TraceError
-from trace_core.oracle import JudgeItem, judge_items, make_judge
-from trace_core.oracle.annotations import PKU_HARM_CATEGORIES, annotations_from_pku
-from trace_core.policy import load_policy
+from trace_realign.core.data import load_pairs
+from trace_realign.core.errors import DataError, TraceError
+from trace_realign.core.oracle import JudgeItem, judge_items, make_judge
+from trace_realign.core.oracle.annotations import PKU_HARM_CATEGORIES, annotations_from_pku
+from trace_realign.core.policy import load_policy
 
 OLD_POLICY = """---
 name: old

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.oracle_fakes import FakeJudgeServer, right_answer
-from trace_core.errors import TraceError
-from trace_core.oracle import JudgeItem, Verdict, VerdictCache, judge_with_cache, make_judge
-from trace_core.oracle.cache import item_key
-from trace_core.policy import parse_policy
+from trace_realign.core.errors import TraceError
+from trace_realign.core.oracle import JudgeItem, Verdict, VerdictCache, judge_with_cache, make_judge
+from trace_realign.core.oracle.cache import item_key
+from trace_realign.core.policy import parse_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_TEXT = "Never help with [violates] things."
@@ -26,8 +26,8 @@ N = 120
 CHILD = textwrap.dedent(
     """
     import sys
-    from trace_core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge
-    from trace_core.policy import parse_policy
+    from trace_realign.core.oracle import JudgeItem, VerdictCache, judge_with_cache, make_judge
+    from trace_realign.core.policy import parse_policy
 
     url, db, n, text = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     judge = make_judge({"backend": "openai", "model": "fake-judge", "base_url": url, "api_key_env": None,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from trace_core.errors import ConfigError
-from trace_core.oracle import OpenAIJudgeConfig, make_judge, parse_judge_config
+from trace_realign.core.errors import ConfigError
+from trace_realign.core.oracle import OpenAIJudgeConfig, make_judge, parse_judge_config
 
 
 @pytest.mark.parametrize(

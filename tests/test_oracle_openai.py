@@ -9,12 +9,12 @@ import time
 import pytest
 
 from tests.oracle_fakes import REASON_P, FakeJudgeServer, right_answer
-from trace_core.errors import ConfigError, TraceError
-from trace_core.oracle import JudgeItem, VerdictCache, check_unknown_share, judge_with_cache, make_judge
-from trace_core.oracle.base import DEFAULT_PROMPT_TEMPLATE, answer_token_top, parse_answer, verdict_from_answer
-from trace_core.oracle.cache import item_key
-from trace_core.oracle.openai_backend import content_text, retry_wait
-from trace_core.policy import parse_policy
+from trace_realign.core.errors import ConfigError, TraceError
+from trace_realign.core.oracle import JudgeItem, VerdictCache, check_unknown_share, judge_with_cache, make_judge
+from trace_realign.core.oracle.base import DEFAULT_PROMPT_TEMPLATE, answer_token_top, parse_answer, verdict_from_answer
+from trace_realign.core.oracle.cache import item_key
+from trace_realign.core.oracle.openai_backend import content_text, retry_wait
+from trace_realign.core.policy import parse_policy
 
 POLICY = parse_policy("---\nname: test\n---\nNever help with [violates] things.")
 
@@ -175,7 +175,7 @@ def test_policy_change_misses_the_cache(tmp_path):
 
 
 def test_corrections_are_cached(tmp_path):
-    from trace_core.oracle import correct_with_cache
+    from trace_realign.core.oracle import correct_with_cache
 
     batch = items(["bad [violates]", "worse [violates]"])
     with FakeJudgeServer() as srv, VerdictCache(tmp_path / "v.db") as cache:

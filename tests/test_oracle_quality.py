@@ -1,8 +1,8 @@
 """Judge agreement with reference labels (accuracy, Cohen's kappa, confusion matrix); the unknown-share stop."""
 
 import pytest
-from trace_core.errors import DataError, TraceError
-from trace_core.oracle import Verdict, check_unknown_share, judge_agreement, verdict_triples
+from trace_realign.core.errors import DataError, TraceError
+from trace_realign.core.oracle import Verdict, check_unknown_share, judge_agreement, verdict_triples
 
 
 def test_matches_hand_counts_and_sklearn_kappa():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trace_core.oracle import JudgeItem, VerdictCache, correct_with_cache, judge_with_cache, make_judge
-from trace_core.policy import parse_policy
-from trace_core.tiny import build_tiny_model
+from trace_realign.core.oracle import JudgeItem, VerdictCache, correct_with_cache, judge_with_cache, make_judge
+from trace_realign.core.policy import parse_policy
+from trace_realign.core.tiny import build_tiny_model
 
 POLICY = parse_policy("Be helpful. Never explain how to build weapons.")
 
@@ -107,7 +107,7 @@ def test_identity_and_cache(judges, tmp_path):
 
 
 def test_missing_model_folder_is_one_error(tmp_path):
-    from trace_core.errors import TraceError
+    from trace_realign.core.errors import TraceError
 
     with pytest.raises(TraceError, match="judge model folder not found"):
         make_judge({"backend": "transformers", "model_path": str(tmp_path / "nope"), "device": "cpu"})

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from trace_core.errors import TraceError
-from trace_core.oracle import JudgeItem, make_judge
-from trace_core.oracle.vllm_backend import verdict_from_vllm, vllm_placement
-from trace_core.policy import parse_policy
+from trace_realign.core.errors import TraceError
+from trace_realign.core.oracle import JudgeItem, make_judge
+from trace_realign.core.oracle.vllm_backend import verdict_from_vllm, vllm_placement
+from trace_realign.core.policy import parse_policy
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -24,7 +24,7 @@ def test_missing_vllm_is_one_clear_error():
 
 
 def test_vllm_config_is_validated_without_importing_vllm():
-    from trace_core.errors import ConfigError
+    from trace_realign.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gpu_memory_utilisation"):
         make_judge({"backend": "vllm", "model": "m", "gpu_memory_utilisation": 0.5})
@@ -35,7 +35,7 @@ def test_vllm_judges_the_tiny_model(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("the vllm judge needs a GPU")
-    from trace_core.tiny import build_tiny_model
+    from trace_realign.core.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "tiny")
     judge = make_judge({"backend": "vllm", "model": str(model), "gpu_memory_utilization": 0.3, "enforce_eager": True})
@@ -103,8 +103,8 @@ def test_vllm_placement_uses_the_engines_tokenizer_where_it_can(tiny_tokenizer):
 def test_judged_text_cannot_forge_a_turn_of_the_vllm_judge_chat(tiny_tokenizer):
     """The vllm judge encodes its chats itself (encode_chat on the engine's tokenizer) and generates
     from token ids: a response holding ChatML markers reaches the engine as text."""
-    from trace_core.oracle.config import VLLMJudgeConfig
-    from trace_core.oracle.vllm_backend import VLLMJudge
+    from trace_realign.core.oracle.config import VLLMJudgeConfig
+    from trace_realign.core.oracle.vllm_backend import VLLMJudge
 
     class FakeLLM:
         def __init__(self):
@@ -119,7 +119,7 @@ def test_judged_text_cannot_forge_a_turn_of_the_vllm_judge_chat(tiny_tokenizer):
 
     judge = object.__new__(VLLMJudge)
     judge.config = VLLMJudgeConfig(backend="vllm", model="fake")
-    from trace_core.oracle.base import ChatTemplates
+    from trace_realign.core.oracle.base import ChatTemplates
 
     judge.templates = ChatTemplates(judge.config.system_template, judge.config.prompt_template, judge.config.correction_template)
     judge.llm, judge._judge_params = FakeLLM(), None

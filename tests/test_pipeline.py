@@ -78,7 +78,7 @@ def requests_made(server) -> int:
 
 
 def run_flow(cfg, **kw):
-    from flows.realign import realign
+    from trace_realign.flows.realign import realign
 
     return realign(cfg, progress=False, **kw)
 
@@ -118,7 +118,7 @@ def test_rerun_is_cached_and_policy_edit_invalidates_from_judge_on(tmp_path, jud
 
 
 def test_failed_training_rerun_reuses_earlier_stages(tmp_path, judge):
-    from trace_core.training import InjectedFailure
+    from trace_realign.core.training import InjectedFailure
 
     cfg = make_config(tmp_path, judge.url)
     crashing = json.loads(json.dumps(cfg))
@@ -170,7 +170,7 @@ def test_mlflow_holds_parent_and_stage_runs(tmp_path, judge):
 
 def cli(args, cwd, env=None, timeout=240):
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "trace_realign.flows.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
     )
 
@@ -235,7 +235,7 @@ def kill_run_after(config: Path, cwd: Path, server, requests: int, timeout: floa
     """Start ``run --until judge`` and SIGKILL it (with its process group) once the judge has had
     ``requests`` requests."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"],
+        [sys.executable, "-m", "trace_realign.flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"],
         cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -288,7 +288,7 @@ def test_a_judge_that_answers_nothing_usable_stops_the_run_and_heals_on_the_next
     the run trained on nothing and --fresh judge asked nothing; now the run stops with one line
     naming the judge and a raw answer, and once the server is fixed the next plain run asks
     exactly the unknown questions again (a --fresh judge run would ask them whatever their count)."""
-    from trace_core.errors import TraceError
+    from trace_realign.core.errors import TraceError
 
     with FakeJudgeServer(shape="[think-cut]") as server:
         cfg = make_config(tmp_path, server.url)
@@ -313,7 +313,7 @@ def test_a_judge_that_answers_nothing_usable_stops_the_run_and_heals_on_the_next
 def test_fresh_judge_asks_final_unknowns_again(tmp_path):
     """With max_unknown_attempts=1 an unknown is final at once: a plain rerun asks nothing (and stops
     again); --fresh judge asks every unknown again."""
-    from trace_core.errors import TraceError
+    from trace_realign.core.errors import TraceError
 
     with FakeJudgeServer(shape="[sentence]") as server:
         cfg = make_config(tmp_path, server.url)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trace_core.errors import TraceError
-from trace_core.policy import canonical_text, load_policy, parse_policy
+from trace_realign.core.errors import TraceError
+from trace_realign.core.policy import canonical_text, load_policy, parse_policy
 
 POLICY = """---
 name: harmless-v2

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trace_core.tokenization import Encoder, pad_sequences, render_prompt
+from trace_realign.core.tokenization import Encoder, pad_sequences, render_prompt
 
 
 def test_prompt_uses_chat_template_with_generation_prompt(tiny_tokenizer):
@@ -74,8 +74,8 @@ def test_bad_budgets_are_rejected(tiny_tokenizer):
 
 
 def test_logps_of_padded_batch_equal_unpadded(tiny_model_dir, tiny_tokenizer):
-    from trace_core.logprobs import sequence_logps
-    from trace_core.modeling import load_model
+    from trace_realign.core.logprobs import sequence_logps
+    from trace_realign.core.modeling import load_model
 
     model = load_model(tiny_model_dir)
     enc = Encoder(tiny_tokenizer, max_length=128)

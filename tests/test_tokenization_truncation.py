@@ -9,8 +9,8 @@ import random
 import pytest
 
 from tests.conftest import WORDS
-from trace_core.errors import DataError
-from trace_core.tokenization import Encoder, encode_chat
+from trace_realign.core.errors import DataError
+from trace_realign.core.tokenization import Encoder, encode_chat
 
 GEN = "<|im_start|>assistant\n"
 LONG = "money bank water " * 30  # 90+ tokens on the tiny tokenizer

@@ -4,17 +4,17 @@ import pytest
 import torch
 
 from tests.conftest import random_text
-from trace_core.data import PreferencePair
-from trace_core.errors import TraceError
-from trace_core.impact import reference_logps
-from trace_core.logprobs import forward_logits, response_logps
-from trace_core.losses import retain_kl
-from trace_core.modeling import LoraSettings, add_lora, load_adapter, load_model
-from trace_core.objective import SampleKind, build_samples
-from trace_core.reference import ReferenceSettings, run_reference_stage
-from trace_core.tokenization import Encoder, pad_sequences
-from trace_core.training import InjectedFailure, TrainSettings, save_output, train
-from trace_core.triage import TriagedPair, TriageType, triage_pairs
+from trace_realign.core.data import PreferencePair
+from trace_realign.core.errors import TraceError
+from trace_realign.core.impact import reference_logps
+from trace_realign.core.logprobs import forward_logits, response_logps
+from trace_realign.core.losses import retain_kl
+from trace_realign.core.modeling import LoraSettings, add_lora, load_adapter, load_model
+from trace_realign.core.objective import SampleKind, build_samples
+from trace_realign.core.reference import ReferenceSettings, run_reference_stage
+from trace_realign.core.tokenization import Encoder, pad_sequences
+from trace_realign.core.training import InjectedFailure, TrainSettings, save_output, train
+from trace_realign.core.triage import TriagedPair, TriageType, triage_pairs
 
 LORA = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
 

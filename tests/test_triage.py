@@ -1,4 +1,4 @@
-from trace_core.triage import TriageType, triage, triage_counts, triage_pair
+from trace_realign.core.triage import TriageType, triage, triage_counts, triage_pair
 
 
 def test_triage_table_of_method_md():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.watch import free_port
+from trace_realign.flows.watch import free_port
 from tests.test_pipeline import ROOT
 from tests.test_watch import descendants_of, wait_for
 
@@ -40,7 +40,7 @@ def test_the_mlflow_server_stops_with_the_ui_command(tmp_path, sig, inherited):
     port = free_port()
     log = open(tmp_path / "ui.log", "wb")  # a file, not a pipe nobody reads: the server writes to it too
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ui", "--workdir", str(tmp_path), "--port", str(port)],
+        [sys.executable, "-m", "trace_realign.flows.cli", "ui", "--workdir", str(tmp_path), "--port", str(port)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True, preexec_fn=inherited,
     )

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import watch
-from flows.watch import api_url_of, check_policy, healthy, record_baseline, stop_process_group, ui_url_of
+from trace_realign.flows import watch
+from trace_realign.flows.watch import api_url_of, check_policy, healthy, record_baseline, stop_process_group, ui_url_of
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "configs" / "policies" / "smoke-new.md"
@@ -193,7 +193,7 @@ def smoke_args(tmp_path: Path, policy: Path, model: Path | str = "tiny-random") 
 
 
 def test_unreachable_server_is_one_line_naming_the_url(tmp_path, capsys):
-    from flows.cli import main
+    from trace_realign.flows.cli import main
 
     url = f"http://127.0.0.1:{watch.free_port()}/api"
     sets = [x for s in smoke_args(tmp_path, policy_copy(tmp_path)) for x in ("--set", s)]
@@ -203,7 +203,7 @@ def test_unreachable_server_is_one_line_naming_the_url(tmp_path, capsys):
 
 
 def test_bad_interval_is_one_line(tmp_path, capsys):
-    from flows.cli import main
+    from trace_realign.flows.cli import main
 
     sets = [x for s in smoke_args(tmp_path, policy_copy(tmp_path)) for x in ("--set", s)]
     assert main(["watch", "--config", str(REPO / "configs" / "smoke.yaml"), *sets, "--interval", "0"]) == 2
@@ -211,7 +211,7 @@ def test_bad_interval_is_one_line(tmp_path, capsys):
 
 
 def test_bad_cron_is_one_line_before_anything_starts(tmp_path, capsys):
-    from flows.cli import main
+    from trace_realign.flows.cli import main
 
     sets = [x for s in smoke_args(tmp_path, policy_copy(tmp_path)) for x in ("--set", s)]
     assert main(["watch", "--config", str(REPO / "configs" / "smoke.yaml"), *sets, "--cron", "every day"]) == 2
@@ -267,7 +267,7 @@ def start_watch(tmp_path: Path, policy: Path, model: Path, server: str | None, i
     driver = textwrap.dedent(
         f"""
         import argparse, sys
-        from flows.watch import cmd_watch
+        from trace_realign.flows.watch import cmd_watch
         args = argparse.Namespace(config={str(REPO / 'configs' / 'smoke.yaml')!r}, set={smoke_args(tmp_path, policy, model)!r},
                                   interval={interval!r}, cron=None, server={server!r}, until="load")
         sys.exit(cmd_watch(args))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.workdir import WorkdirBusy, read_holder, workdir_lock
+from trace_realign.flows.workdir import WorkdirBusy, read_holder, workdir_lock
 from tests.oracle_fakes import FakeJudgeProcess
 from tests.test_pipeline import ROOT, assert_one_line_error, cli, kill_run_after, make_config, write_config
 
@@ -22,7 +22,7 @@ def hold_lock(workdir: Path, seconds: float = 60) -> subprocess.Popen:
     code = textwrap.dedent(
         f"""
         import time
-        from flows.workdir import workdir_lock
+        from trace_realign.flows.workdir import workdir_lock
         with workdir_lock({str(workdir)!r}, "trace-realign run 'other'"):
             print("held", flush=True)
             time.sleep({seconds})
@@ -83,7 +83,7 @@ def test_two_runs_started_together_on_a_new_workdir(tmp_path):
         cfg["oracle"]["max_concurrency"] = 1
         config = write_config(tmp_path, cfg)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"]
+        cmd = [sys.executable, "-m", "trace_realign.flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"]
         procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
         outs = [p.communicate(timeout=240) for p in procs]
         codes = sorted(p.returncode for p in procs)

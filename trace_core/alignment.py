@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from trace_core.data import PreferencePair
-from trace_core.errors import TraceError
-from trace_core.impact import reference_logps
-from trace_core.modeling import LoraSettings, add_lora
-from trace_core.objective import Sample, SampleKind
-from trace_core.tokenization import Encoder
-from trace_core.training import TrainSettings, train, training_arguments
+from trace_realign.core.data import PreferencePair
+from trace_realign.core.errors import TraceError
+from trace_realign.core.impact import reference_logps
+from trace_realign.core.modeling import LoraSettings, add_lora
+from trace_realign.core.objective import Sample, SampleKind
+from trace_realign.core.tokenization import Encoder
+from trace_realign.core.training import TrainSettings, train, training_arguments
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class _SftCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, sequences):
-        from trace_core.tokenization import pad_sequences
+        from trace_realign.core.tokenization import pad_sequences
 
         batch = pad_sequences(sequences, self.pad_token_id)
         labels = batch.input_ids.masked_fill(batch.response_mask == 0, -100)

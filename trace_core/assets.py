@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trace_core.errors import TraceError
+from trace_realign.core.errors import TraceError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class GgufSource:
 
 @dataclass(frozen=True)
 class TinySource:
-    """The deterministic tiny random chat model from :mod:`trace_core.tiny`."""
+    """The deterministic tiny random chat model from :mod:`trace_realign.core.tiny`."""
 
     seed: int = 0
 
@@ -77,7 +77,7 @@ class AlignedSource:
 
     The demo's stand-in for "a model aligned under the old policy": SmolLM2-135M-Instruct never saw
     the demo's old preference set, so it does not behave as the old policy wants, and realigning it
-    would have little to undo. Built once by :func:`trace_core.alignment.sft_align` (LoRA, merged).
+    would have little to undo. Built once by :func:`trace_realign.core.alignment.sft_align` (LoRA, merged).
     """
 
     base: str  # a known model name
@@ -374,7 +374,7 @@ def _build_tiny(source: TinySource, out: Path) -> dict[str, Any]:
     import transformers
     from safetensors import safe_open
 
-    from trace_core.tiny import build_tiny_model
+    from trace_realign.core.tiny import build_tiny_model
 
     # build_tiny_model replaces its target folder, so hand it a path inside our partial folder
     # and lift the files out: its own temporary sibling then stays inside the partial as well.
@@ -386,7 +386,7 @@ def _build_tiny(source: TinySource, out: Path) -> dict[str, Any]:
     with safe_open(out / "model.safetensors", framework="pt") as fh:
         n_params = sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())
     return {
-        "source": {"builder": "trace_core.tiny.build_tiny_model", "seed": source.seed},
+        "source": {"builder": "trace_realign.core.tiny.build_tiny_model", "seed": source.seed},
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "parameter_count": n_params,
@@ -400,9 +400,9 @@ def _build_aligned(source: AlignedSource, out: Path, cache: Path) -> dict[str, A
     import torch
     import transformers
 
-    from trace_core.alignment import DpoSettings, sft_align
-    from trace_core.data import load_pairs
-    from trace_core.modeling import load_model, load_tokenizer
+    from trace_realign.core.alignment import DpoSettings, sft_align
+    from trace_realign.core.data import load_pairs
+    from trace_realign.core.modeling import load_model, load_tokenizer
 
     base_dir = prepare_model(source.base, cache)
     pairs = load_pairs(source.data_path).pairs

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trace_core.errors import ConfigError, describe_validation_errors
-from trace_core.oracle.config import BACKENDS, INPUT_FILE, JudgeConfig
+from trace_realign.core.errors import ConfigError, describe_validation_errors
+from trace_realign.core.oracle.config import BACKENDS, INPUT_FILE, JudgeConfig
 
 
 

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
-from trace_core.errors import DataError
+from trace_realign.core.errors import DataError
 
 Prompt = str | list[dict[str, str]]
 

@@ -35,11 +35,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from trace_core.data import Prompt
-from trace_core.errors import DataError, TraceError
-from trace_core.logprobs import sequence_logps
-from trace_core.modeling import eval_mode, is_peft, reference_mode
-from trace_core.oracle.base import (
+from trace_realign.core.data import Prompt
+from trace_realign.core.errors import DataError, TraceError
+from trace_realign.core.logprobs import sequence_logps
+from trace_realign.core.modeling import eval_mode, is_peft, reference_mode
+from trace_realign.core.oracle.base import (
     Judge,
     JudgeItem,
     OnResult,
@@ -49,10 +49,10 @@ from trace_core.oracle.base import (
     sha256_text,
     short_hash,
 )
-from trace_core.oracle.cache import VerdictCache, judge_with_cache
-from trace_core.oracle.quality import judge_agreement
-from trace_core.policy import Policy
-from trace_core.tokenization import Encoder, left_pad, length_batches, pad_sequences
+from trace_realign.core.oracle.cache import VerdictCache, judge_with_cache
+from trace_realign.core.oracle.quality import judge_agreement
+from trace_realign.core.policy import Policy
+from trace_realign.core.tokenization import Encoder, left_pad, length_batches, pad_sequences
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each batch."""
@@ -94,7 +94,7 @@ def generate(
     """One generated response per prompt, in order.
 
     Each prompt is rendered with the model's chat template and generation prompt
-    (:func:`trace_core.tokenization.render_prompt`, via :class:`~trace_core.tokenization.Encoder`,
+    (:func:`trace_realign.core.tokenization.render_prompt`, via :class:`~trace_realign.core.tokenization.Encoder`,
     which adds no special tokens and keeps the assistant header when it cuts a prompt longer than
     ``max_prompt_length`` tokens). Prompts are batched by length and left-padded by hand (the
     tokenizer is not touched); ``generate`` derives each row's position ids from the attention
@@ -317,7 +317,7 @@ def judge_on_labels(
     judge: Judge, policy: Policy, labels: Sequence[LabelledResponse], cache: VerdictCache | None = None
 ) -> dict[str, float | int | None]:
     """The judge's agreement with labelled generated text: accuracy, Cohen's kappa, confusion
-    counts (:func:`trace_core.oracle.quality.judge_agreement`). This is the error rate that matters
+    counts (:func:`trace_realign.core.oracle.quality.judge_agreement`). This is the error rate that matters
     for TPA, which judges generated text; an accuracy measured on the training data's responses can
     be far higher when those are written in another style."""
     items = [JudgeItem(lab.prompt, lab.response) for lab in labels]
@@ -354,9 +354,9 @@ def response_nll(
 ) -> tuple[float, int]:
     """(summed negative log-likelihood, token count) of ``responses`` given their ``prompts``.
 
-    Sequences are encoded as in training (:class:`~trace_core.tokenization.Encoder`: chat-template
+    Sequences are encoded as in training (:class:`~trace_realign.core.tokenization.Encoder`: chat-template
     prompt, response ending with one EOS, at most ``max_length`` tokens) and scored with
-    :func:`trace_core.logprobs.sequence_logps`; only response tokens count.
+    :func:`trace_realign.core.logprobs.sequence_logps`; only response tokens count.
     """
     if len(prompts) != len(responses):
         raise DataError(f"perplexity: {len(prompts)} prompts but {len(responses)} responses")
@@ -621,7 +621,7 @@ def split_by_prompt(
 ) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices) with every response of one prompt on the same side.
 
-    Distinct prompts (by :func:`~trace_core.oracle.base.prompt_sha256`) are shuffled under ``seed``;
+    Distinct prompts (by :func:`~trace_realign.core.oracle.base.prompt_sha256`) are shuffled under ``seed``;
     ``ceil(holdout_fraction * n_prompts)`` of them (at least one, at most all but one) are held out.
     """
     if not 0.0 < holdout_fraction < 1.0:
@@ -771,7 +771,7 @@ class EmbeddingComplianceJudge(Judge):
         The split is by prompt (:func:`split_by_prompt`), so no prompt's responses are on both sides.
         The judge keeps the classifier trained on the training split only: the reported accuracy is
         that of the very judge that will produce TPAs. Returns (and stores as ``held_out``)
-        :func:`~trace_core.oracle.quality.judge_agreement` on the held-out labelled items plus
+        :func:`~trace_realign.core.oracle.quality.judge_agreement` on the held-out labelled items plus
         holdout_fraction, seed, n_train, n_train_prompts, n_holdout_prompts, train_indices and
         holdout_indices (indices into ``items``).
         """

@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trace_core.errors import TraceError
-from trace_core.logprobs import forward_logits, response_logps
-from trace_core.modeling import eval_mode, trainable_parameters
-from trace_core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
-from trace_core.tokenization import pad_sequences
+from trace_realign.core.errors import TraceError
+from trace_realign.core.logprobs import forward_logits, response_logps
+from trace_realign.core.modeling import eval_mode, trainable_parameters
+from trace_realign.core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
+from trace_realign.core.tokenization import pad_sequences
 
 Progress = Callable[[int], None]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from trace_core.tokenization import SequenceBatch
+from trace_realign.core.tokenization import SequenceBatch
 
 
 def forward_logits(model, batch: SequenceBatch) -> torch.Tensor:

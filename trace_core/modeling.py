@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trace_core.errors import TraceError
+from trace_realign.core.errors import TraceError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 

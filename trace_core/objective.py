@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
-from trace_core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo
-from trace_core.tokenization import EncodedSequence
+from trace_realign.core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo
+from trace_realign.core.tokenization import EncodedSequence
 
 if TYPE_CHECKING:
-    from trace_core.impact import GoldPair
-    from trace_core.tokenization import Encoder
-    from trace_core.triage import TriagedPair
+    from trace_realign.core.impact import GoldPair
+    from trace_realign.core.tokenization import Encoder
+    from trace_realign.core.triage import TriagedPair
 
 PunishForm = Literal["trace", "npo"]
 
@@ -118,7 +118,7 @@ def build_samples(
     - RETAIN: RETAIN (y_w), unless ``use_kl`` is off.
     - ``use_triage=False`` (the authors' no-triage ablation): NEGATE (y_l) for every pair.
     """
-    from trace_core.triage import TriageType
+    from trace_realign.core.triage import TriageType
 
     out: list[Sample] = []
     for t in triaged:

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from trace_core.errors import TraceError
+from trace_realign.core.errors import TraceError
 
 FRONT_MATTER_KEYS = ("name", "version", "description", "rules")
 _FENCE = "---"

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from trace_core.impact import (
+from trace_realign.core.impact import (
     GoldPair,
     build_gold_batch,
     gold_gradient,
@@ -20,9 +20,9 @@ from trace_core.impact import (
     impact_weights,
     reference_logps,
 )
-from trace_core.objective import PunishForm, Sample, SampleKind, build_samples, gold_samples
-from trace_core.tokenization import Encoder
-from trace_core.triage import TriagedPair, TriageType
+from trace_realign.core.objective import PunishForm, Sample, SampleKind, build_samples, gold_samples
+from trace_realign.core.tokenization import Encoder
+from trace_realign.core.triage import TriagedPair, TriageType
 
 
 @dataclass

@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from trace_core.data import Prompt
-from trace_core.errors import DataError
+from trace_realign.core.data import Prompt
+from trace_realign.core.errors import DataError
 
 
 @dataclass
@@ -162,7 +162,7 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], *, add_generation
     A tokenizer without a chat template gets the messages' text joined by blank lines (and a final
     newline when ``add_generation_prompt``), all of it encoded as text, after its BOS if it has one.
 
-    Returns a list of ints (no batch dimension). Raises :class:`~trace_core.errors.DataError` when the
+    Returns a list of ints (no batch dimension). Raises :class:`~trace_realign.core.errors.DataError` when the
     template rejects the conversation (e.g. roles that do not alternate) or when the data text cannot
     be encoded without a special token (the tokenizer makes one from plain text).
     """

@@ -29,12 +29,12 @@ from typing import Literal, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from trace_core.errors import TraceError
-from trace_core.logprobs import forward_logits, response_logps
-from trace_core.losses import retain_kl
-from trace_core.modeling import is_peft, save_adapter
-from trace_core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
-from trace_core.tokenization import SequenceBatch, pad_sequences
+from trace_realign.core.errors import TraceError
+from trace_realign.core.logprobs import forward_logits, response_logps
+from trace_realign.core.losses import retain_kl
+from trace_realign.core.modeling import is_peft, save_adapter
+from trace_realign.core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
+from trace_realign.core.tokenization import SequenceBatch, pad_sequences
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Sequence
 
-from trace_core.data import PreferencePair
+from trace_realign.core.data import PreferencePair
 
 
 class TriageType(str, Enum):

@@ -12,17 +12,17 @@ Public API:
   (``quality``).
 """
 
-from trace_core.oracle.base import Judge, JudgeItem, Verdict, judge_items
-from trace_core.oracle.cache import VerdictCache, correct_with_cache, judge_with_cache
-from trace_core.oracle.config import (
+from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict, judge_items
+from trace_realign.core.oracle.cache import VerdictCache, correct_with_cache, judge_with_cache
+from trace_realign.core.oracle.config import (
     AnnotationsJudgeConfig,
     OpenAIJudgeConfig,
     TransformersJudgeConfig,
     VLLMJudgeConfig,
     parse_judge_config,
 )
-from trace_core.oracle.factory import make_judge
-from trace_core.oracle.quality import check_unknown_share, judge_agreement, verdict_triples
+from trace_realign.core.oracle.factory import make_judge
+from trace_realign.core.oracle.quality import check_unknown_share, judge_agreement, verdict_triples
 
 __all__ = [
     "AnnotationsJudgeConfig",

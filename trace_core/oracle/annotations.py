@@ -6,7 +6,7 @@ front matter. No probabilities (confidence is None); ``raw`` names the deciding 
 
 Annotations (per response; every key optional, but a rule that needs a missing one gives an
 unknown verdict naming it, and so does a value of the wrong type: the loader
-(``trace_core.data``) parses text such as "False" or "2" strictly, and the judge never reads a
+(``trace_realign.core.data``) parses text such as "False" or "2" strictly, and the judge never reads a
 string by truthiness, so an annotations dict built in code with ``"is_safe": "False"``,
 ``"refusal": "no"``, a harm category ``"Violence": "False"`` or ``prompt_tags: "educational"``
 gives an unknown verdict naming the key instead of a silently wrong one; a harm category whose
@@ -70,9 +70,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trace_core.errors import TraceError
-from trace_core.oracle.base import Judge, JudgeItem, OnResult, Verdict, short_hash
-from trace_core.policy import Policy
+from trace_realign.core.errors import TraceError
+from trace_realign.core.oracle.base import Judge, JudgeItem, OnResult, Verdict, short_hash
+from trace_realign.core.policy import Policy
 
 PKU_HARM_CATEGORIES = (
     "Endangering National Security",
@@ -297,13 +297,13 @@ class AnnotationsJudge(Judge):
 def annotations_from_pku(row: Mapping[str, Any], response: int, prompt_tags: Sequence[str] | None = None) -> dict[str, Any]:
     """The annotations dict for ``response_<response>`` of a PKU-SafeRLHF row.
 
-    Values are parsed as the loader parses them (``trace_core.data.parse_bool``/``parse_int``):
+    Values are parsed as the loader parses them (``trace_realign.core.data.parse_bool``/``parse_int``):
     "False" is False, "2" is 2, a harm-category mapping may be JSON or Python-literal text. A
     column the row lacks gives None (a rule that needs it gives an unknown verdict). Raises
     ValueError for a response other than 0 or 1, and DataError naming the column for a value that
     cannot be parsed.
     """
-    from trace_core.data import parse_bool, parse_harm_categories, parse_int
+    from trace_realign.core.data import parse_bool, parse_harm_categories, parse_int
 
     if response not in (0, 1):
         raise ValueError("response must be 0 or 1")

@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from trace_core.data import canonical_json, text_sha256
-from trace_core.errors import ConfigError, TraceError
-from trace_core.policy import Policy
+from trace_realign.core.data import canonical_json, text_sha256
+from trace_realign.core.errors import ConfigError, TraceError
+from trace_realign.core.policy import Policy
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trace_core.errors import TraceError
-from trace_core.oracle.base import Judge, JudgeItem, Verdict, prompt_sha256, sha256_text
-from trace_core.policy import Policy
+from trace_realign.core.errors import TraceError
+from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict, prompt_sha256, sha256_text
+from trace_realign.core.policy import Policy
 
 T = TypeVar("T")
 Key = tuple[str, str]  # (prompt sha256, response sha256)

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from trace_core.errors import ConfigError, describe_validation_errors
-from trace_core.oracle.base import (
+from trace_realign.core.errors import ConfigError, describe_validation_errors
+from trace_realign.core.oracle.base import (
     DEFAULT_CORRECTION_TEMPLATE,
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_SYSTEM_TEMPLATE,
@@ -21,7 +21,7 @@ from trace_core.oracle.base import (
 
 INPUT_FILE = {"input_file": True}
 """Marks a setting that names a file or folder a stage reads (``json_schema_extra``): the pipeline
-keys every stage that reads it on the content, not the path (``trace_core.config.input_files``).
+keys every stage that reads it on the content, not the path (``trace_realign.core.config.input_files``).
 The data file, the policy and the model have their own content keys (data, policy and model
 sha256)."""
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from trace_core.oracle.base import Judge
-from trace_core.oracle.config import (
+from trace_realign.core.oracle.base import Judge
+from trace_realign.core.oracle.config import (
     AnnotationsJudgeConfig,
     OpenAIJudgeConfig,
     TransformersJudgeConfig,
@@ -26,18 +26,18 @@ def make_judge(config: dict[str, Any] | BaseModel, where: str = "judge") -> Judg
     """
     cfg = parse_judge_config(config, where)
     if isinstance(cfg, OpenAIJudgeConfig):
-        from trace_core.oracle.openai_backend import OpenAIJudge
+        from trace_realign.core.oracle.openai_backend import OpenAIJudge
 
         return OpenAIJudge(cfg, where)
     if isinstance(cfg, TransformersJudgeConfig):
-        from trace_core.oracle.transformers_backend import TransformersJudge
+        from trace_realign.core.oracle.transformers_backend import TransformersJudge
 
         return TransformersJudge(cfg, where)
     if isinstance(cfg, VLLMJudgeConfig):
-        from trace_core.oracle.vllm_backend import VLLMJudge
+        from trace_realign.core.oracle.vllm_backend import VLLMJudge
 
         return VLLMJudge(cfg, where)
     assert isinstance(cfg, AnnotationsJudgeConfig)
-    from trace_core.oracle.annotations import AnnotationsJudge
+    from trace_realign.core.oracle.annotations import AnnotationsJudge
 
     return AnnotationsJudge()

@@ -27,7 +27,7 @@ Failures, and what becomes of them:
   base URL), and ``max_consecutive_failures`` failed requests in a row (the server went away).
   Answers already received were handed to ``on_result`` and stay cached.
 
-Answers are read as :func:`~trace_core.oracle.base.verdict_from_answer` describes: the final answer
+Answers are read as :func:`~trace_realign.core.oracle.base.verdict_from_answer` describes: the final answer
 after a reasoning block, content given as a list of parts, and (when the content is empty) a
 reasoning field (``reasoning_content`` / ``reasoning``, as vLLM's reasoning parsers return) that
 ends with a Yes or No line.
@@ -53,8 +53,8 @@ from typing import Any, TypeVar
 import httpx2
 import openai
 
-from trace_core.errors import ConfigError, TraceError
-from trace_core.oracle.base import (
+from trace_realign.core.errors import ConfigError, TraceError
+from trace_realign.core.oracle.base import (
     ANSWERS,
     JudgeItem,
     LLMJudge,
@@ -66,8 +66,8 @@ from trace_core.oracle.base import (
     verdict_from_answer,
     warn_once,
 )
-from trace_core.oracle.config import OpenAIJudgeConfig
-from trace_core.policy import Policy
+from trace_realign.core.oracle.config import OpenAIJudgeConfig
+from trace_realign.core.policy import Policy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -469,7 +469,7 @@ def _answer_top_logprobs(logprobs: dict[str, Any] | None, text: str = "", reason
     """(token, logprob) candidates for the answer token of a chat completion's ``logprobs``: the
     first generated token that reads as Yes or No after any reasoning block (the first token in
     plain mode, later ones inside JSON or after ``</think>``); see
-    :func:`~trace_core.oracle.base.answer_token_top`."""
+    :func:`~trace_realign.core.oracle.base.answer_token_top`."""
     steps = [
         (
             entry.get("token") or "",

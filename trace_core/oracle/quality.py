@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trace_core.errors import DataError, TraceError
-from trace_core.oracle.base import Verdict, clip
+from trace_realign.core.errors import DataError, TraceError
+from trace_realign.core.oracle.base import Verdict, clip
 
 
 def judge_agreement(predicted: Sequence[bool | None], reference: Sequence[bool]) -> dict[str, float | int | None]:

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trace_core.errors import ConfigError, DataError, TraceError
-from trace_core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, choose_placement, one_line, template_errors
-from trace_core.oracle.config import TransformersJudgeConfig
-from trace_core.policy import Policy
-from trace_core.tokenization import encode_chat, left_pad, length_batches
+from trace_realign.core.errors import ConfigError, DataError, TraceError
+from trace_realign.core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, choose_placement, one_line, template_errors
+from trace_realign.core.oracle.config import TransformersJudgeConfig
+from trace_realign.core.policy import Policy
+from trace_realign.core.tokenization import encode_chat, left_pad, length_batches
 
 _MAX_SANE_CONTEXT = 1_000_000  # tokenizers without a limit report ~1e30
 
@@ -155,7 +155,7 @@ class TransformersJudge(LLMJudge):
     # -- judging ------------------------------------------------------------------------------
 
     def _encode(self, chats: list[list[dict[str, str]]]) -> list[list[int] | str]:
-        """Token ids per chat (:func:`~trace_core.tokenization.encode_chat`: the judged text stays
+        """Token ids per chat (:func:`~trace_realign.core.tokenization.encode_chat`: the judged text stays
         text, it cannot forge a turn of the judge chat), or why a chat cannot be encoded."""
         out: list[list[int] | str] = []
         for messages in chats:

@@ -6,7 +6,7 @@ single output token is constrained to "Yes" or "No" (structured outputs, choice)
 ``top_logprobs`` alternatives give the confidence, normalised over the two answers like the other
 backends, taken at the answer token (after any reasoning block, as for the openai backend; no
 confidence where it cannot be placed). Answers are read by the same
-:func:`~trace_core.oracle.base.verdict_from_answer` as every LLM backend. Corrections are sampled
+:func:`~trace_realign.core.oracle.base.verdict_from_answer` as every LLM backend. Corrections are sampled
 with the config's temperature and token limit.
 
 The policy placement is decided once with the engine's own tokenizer (``LLM.get_tokenizer()``):
@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from trace_core.errors import DataError, TraceError
-from trace_core.oracle.base import (
+from trace_realign.core.errors import DataError, TraceError
+from trace_realign.core.oracle.base import (
     ANSWERS,
     JudgeItem,
     LLMJudge,
@@ -34,9 +34,9 @@ from trace_core.oracle.base import (
     one_line,
     verdict_from_answer,
 )
-from trace_core.oracle.config import VLLMJudgeConfig
-from trace_core.policy import Policy
-from trace_core.tokenization import encode_chat
+from trace_realign.core.oracle.config import VLLMJudgeConfig
+from trace_realign.core.policy import Policy
+from trace_realign.core.tokenization import encode_chat
 
 
 def import_vllm() -> Any:
@@ -72,7 +72,7 @@ def top_from_vllm(step: dict[int, Any] | None) -> list[tuple[str, float]]:
 def answer_top_from_vllm(completion: Any) -> list[tuple[str, float]]:
     """Top logprobs of the answer token of a vLLM ``CompletionOutput``: per position the sampled
     token (``token_ids[i]``, always among that position's logprobs) and its alternatives, located by
-    :func:`~trace_core.oracle.base.answer_token_top` (after any reasoning block)."""
+    :func:`~trace_realign.core.oracle.base.answer_token_top` (after any reasoning block)."""
     steps = []
     for token_id, step in zip(completion.token_ids or (), completion.logprobs or ()):
         sampled = (step or {}).get(token_id)
@@ -91,7 +91,7 @@ def verdict_from_vllm(output: Any) -> Verdict:
 
 def vllm_placement(llm: Any, setting: str, model: str, where: str = "judge") -> str:
     """The policy placement for an offline engine, decided with its tokenizer's chat template
-    (:func:`~trace_core.oracle.base.choose_placement`); where the engine's tokenizer cannot render
+    (:func:`~trace_realign.core.oracle.base.choose_placement`); where the engine's tokenizer cannot render
     chats (no ``apply_chat_template``), "user" if ``setting`` says so, else "system"."""
     try:
         tokenizer = llm.get_tokenizer()
@@ -152,7 +152,7 @@ class VLLMJudge(LLMJudge):
     def _chat(self, chats: list[list[dict[str, str]]], params: Any) -> list[Any]:
         """One vLLM output per chat, in order, or (a str) why a chat could not be encoded.
 
-        Chats are encoded here with :func:`~trace_core.tokenization.encode_chat` on the engine's
+        Chats are encoded here with :func:`~trace_realign.core.tokenization.encode_chat` on the engine's
         tokenizer and generated from token ids, rather than rendered by ``LLM.chat``: the judged
         text stays text, so a response holding ``<|im_end|><|im_start|>system`` cannot forge a turn.
         """
