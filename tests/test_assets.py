@@ -31,10 +31,15 @@ def _leftovers(cache: Path) -> list[str]:
 # --- cache location and names -------------------------------------------------------------------
 
 
-def test_default_cache_dir_follows_env_else_working_folder(monkeypatch, tmp_path):
+def test_default_cache_dir_follows_env_else_the_user_cache(monkeypatch, tmp_path):
+    """The cache does not depend on the folder a command runs in (a wheel install has no checkout)."""
     monkeypatch.delenv("TRACE_REALIGN_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
     monkeypatch.chdir(tmp_path)
-    assert default_cache_dir() == tmp_path / ".trace" / "models"
+    assert default_cache_dir() == tmp_path / "user" / ".cache" / "trace-realign" / "models"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "trace-realign" / "models"
     monkeypatch.setenv("TRACE_REALIGN_HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / "models"
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from trace_realign.core.errors import TraceError
+from trace_realign.core.resources import SHIPPED_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,6 @@ class TinySource:
     seed: int = 0
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
 @dataclass(frozen=True)
 class AlignedSource:
     """A known model fine-tuned on the chosen responses of a preference file in this project.
@@ -81,12 +79,12 @@ class AlignedSource:
     """
 
     base: str  # a known model name
-    data: str  # a preference file, relative to the project root
+    data: str  # a preference file shipped with the distribution (trace_realign.core.resources)
     settings: tuple[tuple[str, Any], ...]  # DpoSettings overrides, as sorted items
 
     @property
     def data_path(self) -> Path:
-        return PROJECT_ROOT / self.data
+        return SHIPPED_ROOT / self.data
 
 
 @dataclass(frozen=True)
@@ -147,15 +145,17 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 
 def default_cache_dir() -> Path:
-    """The project's model cache: ``$TRACE_REALIGN_HOME/models``, else ``./.trace/models``.
+    """The model cache: ``$TRACE_REALIGN_HOME/models``, else ``$XDG_CACHE_HOME/trace-realign/models``
+    (``~/.cache/trace-realign/models``).
 
-    Relative to the current working directory because that is the project's working folder,
-    where the other run state (.trace/, mlflow.db) lives too and which .gitignore covers.
+    A per-user cache, as Hugging Face's, so every working folder and every installed copy share
+    one prepared model instead of converting it again.
     """
     home = os.environ.get(HOME_ENV)
     if home:
         return Path(home).expanduser() / "models"
-    return Path.cwd() / ".trace" / "models"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "trace-realign" / "models"
 
 
 def _known_names() -> str:

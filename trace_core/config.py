@@ -3,19 +3,23 @@
 Every section forbids unknown keys, so a misspelt setting is rejected with its full name
 (``training.lerning_rate``) instead of silently taking a default. ``--set key=value``
 overrides take YAML values (``--set training.max_steps=5``, ``--set training.lora.target_modules=[q_proj]``).
-Relative paths are resolved against the working folder the run starts in.
+A relative input path in a config file (data, policy, model folder, gold pairs, prompts, labels,
+judge models) names a file beside the config file when one is there, else in the working folder the
+run starts in; a path given with ``--set`` is relative to the working folder. ``--config demo`` (or
+``smoke``) names a config that ships with the package.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trace_realign.core.errors import ConfigError, describe_validation_errors
 from trace_realign.core.oracle.config import BACKENDS, INPUT_FILE, JudgeConfig
+from trace_realign.core.resources import shipped_config
 
 
 
@@ -30,14 +34,21 @@ class RunConfig(_Section):
     seed: int = 0
 
 
+LOCAL_PATH = {"local_path": True}
+"""Marks a setting that may name a local file or folder (resolved beside the config file first);
+:data:`INPUT_FILE` settings are local paths too."""
+
+
 class ModelConfig(_Section):
-    path: str = Field(description="a known name (smollm2-135m-instruct, tiny-random) or a local model folder")
+    path: str = Field(
+        description="a known name (smollm2-135m-instruct, tiny-random) or a local model folder", json_schema_extra=LOCAL_PATH
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1")
 
 
 class DataConfig(_Section):
-    path: str
+    path: str = Field(description="a local file or folder, or a Hugging Face dataset name", json_schema_extra=LOCAL_PATH)
     format: Literal["jsonl", "json", "csv", "parquet", "hf"] | None = None
     split: str = "train"
     config_name: str | None = None
@@ -49,7 +60,7 @@ class DataConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    path: str
+    path: str = Field(description="the new policy document (Markdown with optional YAML front matter)", json_schema_extra=LOCAL_PATH)
 
 
 class TriageConfig(_Section):
@@ -176,10 +187,17 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a config file; problems raise one-line ConfigError naming the setting."""
+    """Read, override and validate a config file; problems raise one-line ConfigError naming the setting.
+
+    ``path`` is a YAML file, or the name of a config shipped with the package (``demo``, ``smoke``).
+    Relative input paths written in the file are looked up beside it first (see the module docstring).
+    """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        shipped = shipped_config(str(path))
+        if shipped is None:
+            raise ConfigError(f"{path}: config file not found (configs shipped with the package: demo, smoke)")
+        p = shipped
     try:
         tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -188,9 +206,43 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: invalid YAML{at}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections")
-    for key, value in parse_overrides(overrides):
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
+        _set(tree, key, value, str(path))
+    cfg = validate_config(tree, str(path))
+    beside = paths_beside(cfg, p.resolve().parent, overridden=[key for key, _ in parsed])
+    if not beside:
+        return cfg
+    for key, value in beside.items():
         _set(tree, key, value, str(path))
     return validate_config(tree, str(path))
+
+
+def _marked(cfg: BaseModel, marks: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """``(dotted setting, value)`` for every set string setting whose field carries one of ``marks``
+    in its ``json_schema_extra``, nested sections and judge configs included."""
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        dotted = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            yield from _marked(value, marks, dotted + ".")
+        elif isinstance(value, str) and isinstance(field.json_schema_extra, dict) and any(field.json_schema_extra.get(m) for m in marks):
+            yield dotted, value
+
+
+def paths_beside(cfg: PipelineConfig, folder: Path, overridden: Sequence[str] = ()) -> dict[str, str]:
+    """``{setting: absolute path}`` for every relative local-path setting that names an existing file
+    or folder under ``folder`` (the config file's). Settings under an ``overridden`` key (given with
+    ``--set``) and values with no such file (a known model name, a hub dataset, a path meant for the
+    working folder) are left out."""
+    out = {}
+    for dotted, value in _marked(cfg, ("input_file", "local_path")):
+        if any(dotted == k or dotted.startswith(k + ".") for k in overridden) or Path(value).is_absolute():
+            continue
+        candidate = folder / value
+        if candidate.exists():
+            out[dotted] = str(candidate.resolve())
+    return out
 
 
 def validate_config(tree: dict, where: str = "config") -> PipelineConfig:
@@ -200,21 +252,8 @@ def validate_config(tree: dict, where: str = "config") -> PipelineConfig:
         raise ConfigError(f"{where}: " + describe_validation_errors(exc.errors(), "", drop=BACKENDS)) from None
 
 
-def input_files(cfg: BaseModel, prefix: str = "") -> dict[str, str]:
+def input_files(cfg: BaseModel) -> dict[str, str]:
     """Every setting marked :data:`INPUT_FILE` that is set and names an existing local file or
     folder, as ``{"weights.gold_path": path, "oracle.model_path": path, ...}`` (nested sections and
     the judge configs included; a hub model name that is not a local path is left out)."""
-    out: dict[str, str] = {}
-    for name, field in type(cfg).model_fields.items():
-        value = getattr(cfg, name)
-        dotted = f"{prefix}{name}"
-        if isinstance(value, BaseModel):
-            out.update(input_files(value, dotted + "."))
-        elif (
-            isinstance(value, str)
-            and isinstance(field.json_schema_extra, dict)
-            and field.json_schema_extra.get("input_file")
-            and Path(value).exists()
-        ):
-            out[dotted] = value
-    return out
+    return {dotted: value for dotted, value in _marked(cfg, ("input_file",)) if Path(value).exists()}
