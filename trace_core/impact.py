@@ -39,7 +39,7 @@ from trace_realign.core.errors import TraceError
 from trace_realign.core.logprobs import forward_logits, response_logps
 from trace_realign.core.modeling import eval_mode, trainable_parameters
 from trace_realign.core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
-from trace_realign.core.tokenization import pad_sequences
+from trace_realign.core.tokenization import Encoder, pad_sequences
 
 Progress = Callable[[int], None]
 
@@ -56,6 +56,15 @@ class GoldPair:
     preferred: str
     dispreferred: str
     source: str  # retain | invert | punish | user
+
+
+def gold_samples(gold: Sequence[GoldPair], encoder: Encoder) -> list[Sample]:
+    """PREFER samples (preferred over dispreferred) of the gold batch."""
+    return [
+        Sample(g.pair_id, SampleKind.PREFER, (encoder.sequence(g.prompt, g.preferred), encoder.sequence(g.prompt, g.dispreferred)))
+        for g in gold
+    ]
+
 
 
 def build_gold_batch(

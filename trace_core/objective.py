@@ -24,7 +24,6 @@ from trace_realign.core.losses import dpo_loss, npo_loss, punish_loss, punish_lo
 from trace_realign.core.tokenization import EncodedSequence
 
 if TYPE_CHECKING:
-    from trace_realign.core.impact import GoldPair
     from trace_realign.core.tokenization import Encoder
     from trace_realign.core.triage import TriagedPair
 
@@ -138,11 +137,3 @@ def build_samples(
         elif t.type is TriageType.RETAIN and use_kl:
             out.append(Sample(p.pair_id, SampleKind.RETAIN, (encoder.sequence(p.prompt, p.chosen),)))
     return out
-
-
-def gold_samples(gold: Sequence["GoldPair"], encoder: "Encoder") -> list[Sample]:
-    """PREFER samples (preferred over dispreferred) of the gold batch."""
-    return [
-        Sample(g.pair_id, SampleKind.PREFER, (encoder.sequence(g.prompt, g.preferred), encoder.sequence(g.prompt, g.dispreferred)))
-        for g in gold
-    ]

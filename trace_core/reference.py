@@ -16,11 +16,12 @@ from trace_realign.core.impact import (
     GoldPair,
     build_gold_batch,
     gold_gradient,
+    gold_samples,
     impact_scores,
     impact_weights,
     reference_logps,
 )
-from trace_realign.core.objective import PunishForm, Sample, SampleKind, build_samples, gold_samples
+from trace_realign.core.objective import PunishForm, Sample, SampleKind, build_samples
 from trace_realign.core.tokenization import Encoder
 from trace_realign.core.triage import TriagedPair, TriageType
 
