@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata as md
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from prefect import flow
 
 from trace_realign.flows.stages import STAGES
-
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import plots, tracking
 from trace_realign.tasks.artifacts import HashMemo, read_parquet, write_json_at
@@ -33,7 +33,9 @@ from trace_realign.core.config import PipelineConfig, input_files
 from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import TraceError
 from trace_realign.core.oracle import check_unknown_share, verdict_triples
+from trace_realign.core.objective import SampleKind
 from trace_realign.core.policy import load_policy
+from trace_realign.core.triage import TriageType
 
 # What the reference stage depends on: other training settings (learning rate, steps, test switches)
 # must not invalidate its cached scores.
@@ -208,9 +210,14 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
         "until": until,
     }
     status = "FAILED"
+
+    def reaches(stage: str) -> bool:
+        """Whether the run goes as far as ``stage`` (stages run in :data:`STAGES` order)."""
+        return STAGES.index(stage) <= STAGES.index(until)
+
     try:
         loaded = _run(load_data, "load", fresh_set, stages, data=data, data_sha256=data_sha, run=run)
-        if until != "load":
+        if reaches("judge"):
             oracle = cfg.section("oracle")
             verdicts = []
             for i, shard in enumerate(loaded.artifacts["shards"]):
@@ -233,7 +240,7 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
                 for stage, info in stages.items()
                 if stage.startswith("judge-") and not info["cached"]
             )
-        if until not in ("load", "judge"):
+        if reaches("triage"):
             triaged = _run(
                 triage_and_partition, "triage", fresh_set, stages,
                 pairs=loaded.artifacts["pairs"], verdicts=verdicts, triage=cfg.section("triage"),
@@ -242,7 +249,7 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
                 policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"), run=run,
             )
             _log_triage_plot(c, pid, triaged)
-        if until in ("reference", "train", "evaluate"):
+        if reaches("reference"):
             ref = _run(
                 reference_stage, "reference", fresh_set, stages,
                 shards=triaged.artifacts, model=cfg.section("model"), model_sha256=model_sha, weights=cfg.section("weights"),
@@ -250,14 +257,14 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
                 input_files_sha256=_inputs_for(files, "weights"), policy_sha256=policy.sha256, seed=cfg.run.seed, run=run,
             )
             _log_weight_plot(c, pid, ref)
-        if until in ("train", "evaluate"):
+        if reaches("train"):
             trained = _run(
                 train_stage, "train", fresh_set, stages,
                 shards=triaged.artifacts, reference=ref.artifacts, model=cfg.section("model"), model_sha256=model_sha,
                 training=cfg.section("training"), triage=cfg.section("triage"), policy_sha256=policy.sha256,
                 seed=cfg.run.seed, registered_model_name=registered if cfg.mlflow.register_model else None, run=run,
             )
-        if until == "evaluate" and cfg.evaluation.enabled:
+        if reaches("evaluate") and cfg.evaluation.enabled:
             _run(
                 evaluate_stage, "evaluate", fresh_set, stages,
                 shards=triaged.artifacts, trained=trained.artifacts, model=cfg.section("model"),
@@ -285,20 +292,14 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
 
 
 def _log_triage_plot(c, pid, triaged: StageResult) -> None:
-    import tempfile
-
-    counts = {k: triaged.metrics.get(f"triage_{k}", 0) for k in ("invert", "punish", "retain", "unknown")}
+    counts = {t.value: triaged.metrics.get(f"triage_{t.value}", 0) for t in TriageType}
     with tempfile.TemporaryDirectory() as tmp:
         c.log_artifact(pid, str(plots.bar_chart(counts, "triage", "pairs", Path(tmp) / "triage_counts.png")), "plots")
 
 
 def _log_weight_plot(c, pid, ref: StageResult) -> None:
-    import tempfile
-
-    from trace_realign.tasks.artifacts import read_parquet
-
     rows = read_parquet(ref.artifacts["weights"]["path"]).to_pylist()
-    weights = [r["weight"] for r in rows if r["kind"] != "retain"]
+    weights = [r["weight"] for r in rows if r["kind"] != SampleKind.RETAIN.name.lower()]
     if weights:
         with tempfile.TemporaryDirectory() as tmp:
             png = plots.histogram(weights, "impact weights (conflict samples)", "w_i", Path(tmp) / "impact_weights.png")

@@ -9,15 +9,18 @@ changes every run and does not change what the stage computes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+from trace_realign.tasks import tracking
 
 
 @dataclass
@@ -97,6 +100,34 @@ class StageResult:
         for a in self.artifacts.values():
             out.extend(x["path"] for x in (a if isinstance(a, list) else [a]))
         return out
+
+
+class StageRun:
+    """One stage's MLflow child run: what every stage task logs, in one place.
+
+    ``client`` and ``run_id`` are there for what only some stages log (datasets, training history,
+    a registered model)."""
+
+    def __init__(self, stage: str, client, run_id: str):
+        self.stage = stage
+        self.client = client
+        self.run_id = run_id
+
+    def result(self, artifacts: dict[str, Any], metrics: dict[str, Any], params: dict[str, Any], info: dict[str, Any] | None = None) -> StageResult:
+        """Log ``params`` and ``metrics`` to the stage's run and return the stage's result (with the
+        seconds spent talking to MLflow in ``info["mlflow_seconds"]``)."""
+        tracking.log_params(self.client, self.run_id, params)
+        tracking.log_metrics(self.client, self.run_id, metrics)
+        return StageResult(self.stage, artifacts, metrics, self.run_id, {**(info or {}), "mlflow_seconds": self.client.seconds})
+
+
+@contextlib.contextmanager
+def stage_run(run: dict | RunContext, stage: str) -> Iterator[StageRun]:
+    """The stage's MLflow child run under the flow's parent run: FINISHED when the block ends, FAILED
+    when it raises."""
+    ctx = context_of(run)
+    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, stage) as (client, run_id):
+        yield StageRun(stage, client, run_id)
 
 
 def device_for(setting: str) -> str:

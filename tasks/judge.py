@@ -11,9 +11,8 @@ from __future__ import annotations
 import pyarrow as pa
 from prefect import task
 
-from trace_realign.tasks import tracking
 from trace_realign.tasks.artifacts import describe, read_parquet, write_parquet
-from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key
+from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.data import table_to_pairs
 from trace_realign.core.oracle import VerdictCache, judge_items, judge_with_cache, make_judge
 from trace_realign.core.policy import load_policy
@@ -55,8 +54,7 @@ def judge_shard(
     policy = load_policy(policy_path)
     pairs = table_to_pairs(read_parquet(shard["path"]))
     items = judge_items(pairs)
-    stage = f"judge-{shard_index:04d}"
-    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, stage) as (c, run_id):
+    with stage_run(ctx, f"judge-{shard_index:04d}") as stage:
         with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
             with Bar(f"judging shard {shard_index}", len(items), ctx.progress) as bar:
                 verdicts, stats = judge_with_cache(
@@ -83,9 +81,6 @@ def judge_shard(
                 }
             )
         path = write_parquet(pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA), ctx.folder("artifacts", "verdicts"), f"verdicts-{shard_index:04d}")
+        params = {"oracle": {k: v for k, v in oracle.items() if "template" not in k}, "judge_identity": identity}
         metrics = {f"judge_{k}": v for k, v in stats.items()}
-        tracking.log_params(c, run_id, {"oracle": {k: v for k, v in oracle.items() if "template" not in k}, "judge_identity": identity})
-        tracking.log_metrics(c, run_id, metrics)
-        stage_result = StageResult(stage, {"verdicts": describe(path, len(rows))}, metrics, run_id, {"judge": identity})
-        stage_result.info["mlflow_seconds"] = c.seconds
-        return stage_result
+        return stage.result({"verdicts": describe(path, len(rows))}, metrics, params, {"judge": identity})

@@ -6,7 +6,7 @@ from prefect import task
 
 from trace_realign.tasks import tracking
 from trace_realign.tasks.artifacts import describe, write_parquet
-from trace_realign.tasks.common import StageResult, context_of, stage_cache_key
+from trace_realign.tasks.common import StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.data import load_pairs, pairs_to_table
 
 
@@ -14,7 +14,7 @@ from trace_realign.core.data import load_pairs, pairs_to_table
 def load_data(data: dict, data_sha256: str, run: dict) -> StageResult:
     """Pairs file -> ``pairs-<sha8>.parquet`` and ``shard-<k>-<sha8>.parquet`` (``data.shard_size`` pairs each)."""
     ctx = context_of(run)
-    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "load") as (c, run_id):
+    with stage_run(ctx, "load") as stage:
         result = load_pairs(
             data["path"],
             format=data.get("format"),
@@ -34,15 +34,8 @@ def load_data(data: dict, data_sha256: str, run: dict) -> StageResult:
             for start in range(0, table.num_rows, size)
         ]
         metrics = {"rows_read": result.rows_read, "pairs": len(result.pairs), "skipped": sum(result.skipped.values())}
-        tracking.log_params(c, run_id, {"data": data})
-        tracking.log_metrics(c, run_id, metrics)
-        tracking.log_dataset(c, run_id, "preference_pairs", data["path"], data_sha256, len(result.pairs))
-        stage_result = StageResult(
-            "load",
-            {"pairs": describe(pairs_path, table.num_rows), "shards": shards},
-            metrics,
-            run_id,
+        tracking.log_dataset(stage.client, stage.run_id, "preference_pairs", data["path"], data_sha256, len(result.pairs))
+        return stage.result(
+            {"pairs": describe(pairs_path, table.num_rows), "shards": shards}, metrics, {"data": data},
             {"skipped": dict(result.skipped)},
         )
-        stage_result.info["mlflow_seconds"] = c.seconds
-        return stage_result

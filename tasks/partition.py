@@ -8,17 +8,16 @@ the oracle writes a correction for every PUNISH pair (cached like verdicts).
 
 from __future__ import annotations
 
-
 import pyarrow as pa
 from prefect import task
 
-from trace_realign.tasks import tracking
 from trace_realign.tasks.artifacts import describe, read_parquet, write_parquet
-from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key
+from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.data import PAIR_COLUMNS, pairs_to_table, table_to_pairs
-from trace_realign.core.oracle import JudgeItem, VerdictCache, correct_with_cache, make_judge
+from trace_realign.core.oracle import VerdictCache, make_judge
+from trace_realign.core.oracle.cache import correct_punish_pairs
 from trace_realign.core.policy import load_policy
-from trace_realign.core.triage import TriagedPair, TriageType, is_holdout, triage_counts, triage_pairs
+from trace_realign.core.triage import TriagedPair, TriageType, split_holdout, triage_counts, triage_pairs
 
 SHARD_EXTRA = [
     ("triage", pa.string()),
@@ -85,20 +84,14 @@ def triage_and_partition(
     rejected = [by_id.get(p.pair_id, {}).get("rejected_compliant") for p in pair_list]
     triaged = triage_pairs(pair_list, chosen, rejected)
 
-    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "triage") as (c, run_id):
+    with stage_run(ctx, "triage") as stage:
         metrics = {}
         if triage.get("corrections"):
-            punish_idx = [i for i, t in enumerate(triaged) if t.type is TriageType.PUNISH]
-            items = [JudgeItem(triaged[i].pair.prompt, triaged[i].pair.chosen) for i in punish_idx]
             with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
-                with Bar("corrections", len(items), ctx.progress) as bar:
-                    corrections, stats = correct_with_cache(judge, items, load_policy(policy_path), cache, bar.absolute)
-            for i, corr in zip(punish_idx, corrections):
-                t = triaged[i]
-                triaged[i] = TriagedPair(t.pair, t.type, t.chosen_compliant, t.rejected_compliant, corr)
+                with Bar("corrections", sum(t.type is TriageType.PUNISH for t in triaged), ctx.progress) as bar:
+                    triaged, stats = correct_punish_pairs(triaged, judge, load_policy(policy_path), cache, bar.absolute)
             metrics.update({f"corrections_{k}": v for k, v in stats.items()})
-        holdout = [t for t in triaged if is_holdout(t.pair.pair_id, holdout_fraction)]
-        train = [t for t in triaged if not is_holdout(t.pair.pair_id, holdout_fraction)]
+        train, holdout = split_holdout(triaged, holdout_fraction)
         folder = ctx.folder("artifacts", "triage")
         artifacts = {
             kind.value: _write_shards([t for t in train if t.type is kind], folder, kind.value, shard_size)
@@ -111,9 +104,6 @@ def triage_and_partition(
         metrics.update({f"train_{k}": v for k, v in train_counts.items()})
         metrics["holdout_pairs"] = len(holdout)
         total = max(1, counts["total"])
-        metrics.update({f"triage_{k}_fraction": counts[k] / total for k in ("invert", "punish", "retain", "unknown")})
-        tracking.log_params(c, run_id, {"triage": triage, "holdout_fraction": holdout_fraction})
-        tracking.log_metrics(c, run_id, metrics)
-        stage_result = StageResult("triage", artifacts, metrics, run_id, {"counts": counts})
-        stage_result.info["mlflow_seconds"] = c.seconds
-        return stage_result
+        metrics.update({f"triage_{t.value}_fraction": counts[t.value] / total for t in TriageType})
+        params = {"triage": triage, "holdout_fraction": holdout_fraction}
+        return stage.result(artifacts, metrics, params, {"counts": counts})

@@ -89,3 +89,13 @@ def is_holdout(pair_id: str, fraction: float) -> bool:
         return False
     bucket = int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return bucket < fraction
+
+
+def split_holdout(triaged: Sequence[TriagedPair], fraction: float) -> tuple[list[TriagedPair], list[TriagedPair]]:
+    """``(train, holdout)``: the pairs :func:`is_holdout` keeps out of training, and the rest, each
+    in input order."""
+    train: list[TriagedPair] = []
+    holdout: list[TriagedPair] = []
+    for t in triaged:
+        (holdout if is_holdout(t.pair.pair_id, fraction) else train).append(t)
+    return train, holdout

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from trace_realign.core.errors import TraceError
 from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict, prompt_sha256, sha256_text
 from trace_realign.core.policy import Policy
+from trace_realign.core.triage import TriagedPair, TriageType
 
 T = TypeVar("T")
 Key = tuple[str, str]  # (prompt sha256, response sha256)
@@ -370,3 +371,22 @@ def correct_with_cache(
     )
     stats["failed"] = sum(c is None for c in corrections)
     return corrections, stats
+
+
+def correct_punish_pairs(
+    triaged: Sequence[TriagedPair],
+    judge: Judge,
+    policy: Policy,
+    cache: VerdictCache,
+    progress: Progress | None = None,
+) -> tuple[list[TriagedPair], dict[str, int]]:
+    """``triaged`` with an oracle-written correction on every PUNISH pair (TRACE's PUNISH with an
+    oracle correction ``y_c`` trained over ``y_w``, arXiv 2511.02623, triage stage), through :func:`correct_with_cache`; other pairs
+    are returned unchanged. Stats as :func:`correct_with_cache`'s."""
+    punish = [i for i, t in enumerate(triaged) if t.type is TriageType.PUNISH]
+    items = [JudgeItem(triaged[i].pair.prompt, triaged[i].pair.chosen) for i in punish]
+    corrections, stats = correct_with_cache(judge, items, policy, cache, progress)
+    out = list(triaged)
+    for i, correction in zip(punish, corrections):
+        out[i] = replace(out[i], correction=correction)
+    return out, stats
