@@ -34,7 +34,7 @@ class ModelConfig(_Section):
     """The aligned model ``M_ref`` that is realigned."""
 
     path: str = Field(description="a known name (smollm2-135m-instruct, smollm2-135m-instruct-old-policy, tiny-random) or a local model folder")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights' dtype when loaded")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="float32 or bfloat16: the weights' dtype when loaded")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1")
 
 
@@ -42,7 +42,7 @@ class DataConfig(_Section):
     """The old preference pairs ``D = {(x, y_w, y_l)}``."""
 
     path: str = Field(description="a data file or folder, or a Hugging Face hub data set name")
-    format: Literal["jsonl", "json", "csv", "parquet", "hf"] | None = Field(None, description="file format; default: from the file ending")
+    format: Literal["jsonl", "json", "csv", "parquet", "hf"] | None = Field(None, description="jsonl, json, csv, parquet or hf; default: from the file ending")
     split: str = Field("train", description="the split of a hub data set")
     config_name: str | None = Field(None, description="the configuration of a hub data set")
     columns: dict[str, str] = Field(default_factory=dict, description="schema name -> source column")
