@@ -138,7 +138,7 @@ class TrainingConfig(ReferenceTrainingConfig, TrainerConfig):
         "mean", description="mean: w_i scaled to average 1 (DPO's per-sample scale); sum: w_i sum to 1, as the authors' code"
     )
     merge: bool = Field(False, description="also save merged full weights next to the adapter")
-    fail_at_step: int | None = Field(None, ge=1, description="test switch: crash after this step's checkpoint")
+    fail_at_step: int | None = Field(None, ge=1, description="test switch: crash after this step's checkpoint (a run switch: in no cache key, passed to train() as fail_at_step)")
 
     @model_validator(mode="after")
     def _crash_after_a_checkpoint(self):
