@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from trace_realign.core.impact import _row_batches, _rows, gold_gradient, impact_scores, loss_coefficients, reference_logps  # noqa: E402
 from trace_realign.core.modeling import trainable_parameters  # noqa: E402
 from trace_realign.core.logprobs import forward_logits, response_logps  # noqa: E402
-from trace_realign.core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
+from trace_realign.core.config import LoraConfig  # noqa: E402
+from trace_realign.core.modeling import add_lora, load_model, load_tokenizer  # noqa: E402
 from trace_realign.core.objective import Sample, SampleKind  # noqa: E402
 from trace_realign.core.tokenization import Encoder, pad_sequences  # noqa: E402
 
@@ -133,7 +134,7 @@ def main():
         path = prepare_model(name) if not Path(name).exists() else Path(name)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(path)
-    model = add_lora(load_model(path), LoraSettings(), seed=0)
+    model = add_lora(load_model(path), LoraConfig(), seed=0)
     encoder = Encoder(tokenizer, max_length=args.max_length)
     samples = synthetic_samples(encoder, args.n, seed=1)
     gold = [Sample(f"g{i}", SampleKind.PREFER, s.sequences) for i, s in enumerate(synthetic_samples(encoder, args.gold, seed=2))]

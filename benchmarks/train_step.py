@@ -213,10 +213,12 @@ def summarize(name: str, times: list[float], meter: TokenMeter, warmup: int, ste
 
 
 def base_settings(args):
-    from trace_realign.core.training import TrainSettings
+    from trace_realign.core.config import LoraConfig, TrainingConfig
 
-    return TrainSettings(
+    return TrainingConfig(
         beta=BETA,
+        lora=LoraConfig(**LORA),
+        max_length=args.max_length,
         learning_rate=args.lr,
         lr_scheduler="constant",
         warmup_steps=0,
@@ -225,17 +227,16 @@ def base_settings(args):
         gradient_accumulation_steps=1,
         gradient_checkpointing=False,
         bf16=False,
-        seed=SEED,
         logging_steps=args.warmup + args.steps,
         save_steps=0,
-        disable_tqdm=True,
     )
 
 
 def lora_model(model_path):
-    from trace_realign.core.modeling import LoraSettings, add_lora, load_model
+    from trace_realign.core.config import LoraConfig
+    from trace_realign.core.modeling import add_lora, load_model
 
-    return add_lora(load_model(model_path), LoraSettings(**LORA), seed=SEED)
+    return add_lora(load_model(model_path), LoraConfig(**LORA), seed=SEED)
 
 
 def prefer_samples(tokenizer, pairs, max_length):
@@ -292,7 +293,7 @@ def child_trace(args) -> dict:
     meter = TokenMeter(model)
     times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="trace-bench-") as out:
-        result = train(model, tokenizer, samples, base_settings(args), out, callbacks=[step_timer_callback(times)])
+        result = train(model, tokenizer, samples, base_settings(args), out, seed=SEED, progress=False, callbacks=[step_timer_callback(times)])
     index = {(s.sequences[0].input_ids, s.sequences[1].input_ids): i for i, s in enumerate(samples)}
     batch_pairs = []
     for rows in meter.batches:  # rows: [a0, b0, a1, b1, ...] in the collator's order
@@ -450,8 +451,8 @@ def child_mixed(args) -> dict:
     """The TRACE objective on a mixed batch: a third INVERT, a third PUNISH, a third RETAIN."""
     from trace_realign.core.data import PreferencePair
     from trace_realign.core.modeling import load_tokenizer
-    from trace_realign.core.reference import ReferenceSettings, run_reference_stage
-    from trace_realign.core.tokenization import Encoder
+    from trace_realign.core.config import TriageConfig, WeightsConfig
+    from trace_realign.core.reference import run_reference_stage
     from trace_realign.core.training import train
     from trace_realign.core.triage import triage_pairs
 
@@ -462,16 +463,16 @@ def child_mixed(args) -> dict:
     pairs = [PreferencePair.create(p["prompt"], p["chosen"], p["rejected"]) for p in synthetic_pairs(tokenizer, args.pairs, args.max_length)]
     verdicts = [(False, True), (False, False), (True, False)]  # INVERT, PUNISH, RETAIN
     triaged = triage_pairs(pairs, [verdicts[i % 3][0] for i in range(len(pairs))], [verdicts[i % 3][1] for i in range(len(pairs))])
-    encoder = Encoder(tokenizer, max_length=args.max_length)
+    settings = base_settings(args)
     t0 = time.perf_counter()
     ref = run_reference_stage(
-        model, tokenizer, triaged, encoder, ReferenceSettings(beta=BETA, gold_size=min(24, len(pairs)), batch_size=2 * args.batch_size)
+        model, tokenizer, triaged, settings, WeightsConfig(gold_size=min(24, len(pairs)), batch_size=2 * args.batch_size), TriageConfig(), seed=SEED
     )
     ref_seconds = time.perf_counter() - t0
     meter = TokenMeter(model)
     times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="trace-mixed-bench-") as out:
-        result = train(model, tokenizer, ref.samples, base_settings(args), out, callbacks=[step_timer_callback(times)])
+        result = train(model, tokenizer, ref.samples, settings, out, seed=SEED, progress=False, callbacks=[step_timer_callback(times)])
     return summarize(
         "mixed",
         times,

@@ -37,9 +37,6 @@ from trace_realign.core.objective import SampleKind
 from trace_realign.core.policy import load_policy
 from trace_realign.core.triage import TriageType
 
-# What the reference stage depends on: other training settings (learning rate, steps, test switches)
-# must not invalidate its cached scores.
-REFERENCE_TRAINING_KEYS = ("full_finetune", "lora", "max_length", "max_prompt_length", "beta", "punish_form", "use_kl")
 PACKAGES = ("trace-realign", "torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "prefect", "mlflow", "openai")
 
 
@@ -253,7 +250,8 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
             ref = _run(
                 reference_stage, "reference", fresh_set, stages,
                 shards=triaged.artifacts, model=cfg.section("model"), model_sha256=model_sha, weights=cfg.section("weights"),
-                training={k: training[k] for k in REFERENCE_TRAINING_KEYS}, triage=cfg.section("triage"),
+                # Only what the stage reads: other training settings (learning rate, steps) keep its cache.
+                training=cfg.training.reference_view().model_dump(mode="json"), triage=cfg.section("triage"),
                 input_files_sha256=_inputs_for(files, "weights"), policy_sha256=policy.sha256, seed=cfg.run.seed, run=run,
             )
             _log_weight_plot(c, pid, ref)
@@ -261,7 +259,7 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
             trained = _run(
                 train_stage, "train", fresh_set, stages,
                 shards=triaged.artifacts, reference=ref.artifacts, model=cfg.section("model"), model_sha256=model_sha,
-                training=cfg.section("training"), triage=cfg.section("triage"), policy_sha256=policy.sha256,
+                training=training, triage=cfg.section("triage"), policy_sha256=policy.sha256,
                 seed=cfg.run.seed, registered_model_name=registered if cfg.mlflow.register_model else None, run=run,
             )
         if reaches("evaluate") and cfg.evaluation.enabled:

@@ -10,8 +10,9 @@ judged afterwards (``--judge`` runs the local embedding judge on it; it needs th
     python scripts/demo_sweep.py --grid grid.json --out .trace/sweep [--device cuda]
     python scripts/demo_sweep.py --judge .trace/sweep/sweep.json
 
-grid.json: {"old": {"<name>": {DpoSettings fields}} ("base" needs no entry: TRACE on the base model), "trace": {"<name>": {training fields,
-"gold_size": n}}, "runs": [["<old name>", "<trace name>"], ...]}. Runs on a CPU too, slowly.
+grid.json: {"old": {"<name>": {"method": "dpo" or "sft", DpoConfig or AlignmentConfig fields}} ("base" needs no entry:
+TRACE on the base model), "trace": {"<name>": {TrainingConfig fields, "weights": {WeightsConfig fields}}},
+"runs": [["<old name>", "<trace name>"], ...]}. Runs on a CPU too, slowly.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trace_realign.core.alignment import DpoSettings, dpo_align, sft_align  # noqa: E402
+from trace_realign.core.alignment import dpo_align, sft_align  # noqa: E402
+from trace_realign.core.config import AlignmentConfig, DpoConfig, TrainingConfig, TriageConfig, WeightsConfig  # noqa: E402
 from trace_realign.core.data import load_pairs  # noqa: E402
 from trace_realign.core.evaluation import generate, utility_proxy  # noqa: E402
-from trace_realign.core.modeling import LoraSettings, add_lora, load_model, load_tokenizer  # noqa: E402
+from trace_realign.core.modeling import add_lora, load_model, load_tokenizer  # noqa: E402
 from trace_realign.core.oracle import JudgeItem, judge_items, make_judge  # noqa: E402
 from trace_realign.core.policy import load_policy  # noqa: E402
-from trace_realign.core.reference import ReferenceSettings, run_reference_stage  # noqa: E402
-from trace_realign.core.tokenization import Encoder  # noqa: E402
-from trace_realign.core.training import TrainSettings, train  # noqa: E402
+from trace_realign.core.reference import run_reference_stage  # noqa: E402
+from trace_realign.core.training import train  # noqa: E402
 from trace_realign.core.triage import TriageType, is_holdout, triage_pairs  # noqa: E402
 
-TRACE_DEFAULTS = {
+TRACE_DEFAULTS = {  # TrainingConfig overrides (LoRA: the authors' defaults)
     "beta": 0.3,
     "alpha_kl": 0.1,
     "learning_rate": 5e-4,
@@ -48,13 +49,9 @@ TRACE_DEFAULTS = {
     "per_device_batch_size": 4,
     "gradient_accumulation_steps": 2,
     "max_length": 192,
-    "gold_size": 64,
-    "lora_r": 32,
-    "lora_alpha": 16,
-    "lora_dropout": 0.1,
-    "lora_target_modules": ["q_proj", "v_proj"],
-    "weights": True,
+    "logging_steps": 4,
 }
+WEIGHTS_DEFAULTS = {"gold_size": 64, "enabled": True, "batch_size": 16}  # WeightsConfig overrides
 
 
 def triaged_split(pairs, policy, holdout_fraction=0.1):
@@ -68,42 +65,21 @@ def triaged_split(pairs, policy, holdout_fraction=0.1):
 
 
 def run_trace(old_model, tokenizer, train_split, holdout, prompts, cfg, gen_kwargs, work):
-    s = {**TRACE_DEFAULTS, **cfg}
-    model = add_lora(
-        copy.deepcopy(old_model),
-        LoraSettings(r=s["lora_r"], alpha=s["lora_alpha"], dropout=s["lora_dropout"], target_modules=list(s["lora_target_modules"])),
-        seed=0,
-    )
-    encoder = Encoder(tokenizer, max_length=s["max_length"])
+    cfg = dict(cfg)
+    weights = WeightsConfig(**{**WEIGHTS_DEFAULTS, **cfg.pop("weights", {})})
+    training = TrainingConfig(**{**TRACE_DEFAULTS, **cfg})
+    model = add_lora(copy.deepcopy(old_model), training.lora, seed=0)
     t0 = time.perf_counter()
-    ref = run_reference_stage(
-        model,
-        tokenizer,
-        train_split,
-        encoder,
-        ReferenceSettings(beta=s["beta"], gold_size=s["gold_size"], use_impact_weights=s["weights"], batch_size=16),
-    )
+    ref = run_reference_stage(model, tokenizer, train_split, training, weights, TriageConfig())
     t1 = time.perf_counter()
-    settings = TrainSettings(
-        beta=s["beta"],
-        alpha_kl=s["alpha_kl"],
-        learning_rate=s["learning_rate"],
-        lr_scheduler=s["lr_scheduler"],
-        warmup_steps=s["warmup_steps"],
-        num_train_epochs=s["num_train_epochs"],
-        per_device_batch_size=s["per_device_batch_size"],
-        gradient_accumulation_steps=s["gradient_accumulation_steps"],
-        logging_steps=4,
-        disable_tqdm=True,
-    )
-    result = train(model, tokenizer, ref.samples, settings, work)
+    result = train(model, tokenizer, ref.samples, training, work, progress=False)
     t2 = time.perf_counter()
     after = generate(model, tokenizer, prompts, **gen_kwargs)
     retain = [t for t in holdout if t.type is TriageType.RETAIN]
-    utility = utility_proxy(model, tokenizer, [t.pair.prompt for t in retain], [t.pair.chosen for t in retain], max_length=s["max_length"])
+    utility = utility_proxy(model, tokenizer, [t.pair.prompt for t in retain], [t.pair.chosen for t in retain], max_length=training.max_length)
     t3 = time.perf_counter()
     return {
-        "settings": s,
+        "settings": {"training": training.model_dump(mode="json"), "weights": weights.model_dump(mode="json")},
         "steps": result.global_step,
         "log": [h for h in result.log_history if "loss" in h],
         "after": after,
@@ -141,15 +117,17 @@ def sweep(args):
             continue
         cfg = grid["old"][old_name]
         cfg = dict(cfg)
-        align = sft_align if cfg.pop("method", "dpo") == "sft" else dpo_align
-        settings = DpoSettings(**{**cfg, "lora_target_modules": tuple(cfg.get("lora_target_modules", DpoSettings.lora_target_modules))})
+        if cfg.pop("method", "dpo") == "sft":
+            align, settings = sft_align, AlignmentConfig(**cfg)
+        else:
+            align, settings = dpo_align, DpoConfig(**cfg)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             old, res = align(copy.deepcopy(base), tokenizer, pairs, settings, tmp)
         t1 = time.perf_counter()
         gens = generate(old, tokenizer, prompts, **gen_kwargs)
         report["old"][old_name] = {
-            "settings": settings.as_dict(),
+            "settings": settings.model_dump(mode="json"),
             "steps": res.global_step,
             "final": res.final,
             "generations": gens,

@@ -8,48 +8,15 @@ the oracle writes a correction for every PUNISH pair (cached like verdicts).
 
 from __future__ import annotations
 
-import pyarrow as pa
 from prefect import task
 
-from trace_realign.tasks.artifacts import describe, read_parquet, write_parquet
+from trace_realign.tasks.artifacts import describe, read_parquet, triaged_to_table, write_parquet
 from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
-from trace_realign.core.data import PAIR_COLUMNS, pairs_to_table, table_to_pairs
+from trace_realign.core.data import table_to_pairs
 from trace_realign.core.oracle import VerdictCache, make_judge
 from trace_realign.core.oracle.cache import correct_punish_pairs
 from trace_realign.core.policy import load_policy
-from trace_realign.core.triage import TriagedPair, TriageType, split_holdout, triage_counts, triage_pairs
-
-SHARD_EXTRA = [
-    ("triage", pa.string()),
-    ("chosen_compliant", pa.bool_()),
-    ("rejected_compliant", pa.bool_()),
-    ("correction", pa.string()),
-]
-
-
-def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
-    table = pairs_to_table([t.pair for t in triaged])
-    for (name, typ), values in zip(
-        SHARD_EXTRA,
-        (
-            [t.type.value for t in triaged],
-            [t.chosen_compliant for t in triaged],
-            [t.rejected_compliant for t in triaged],
-            [t.correction for t in triaged],
-        ),
-    ):
-        table = table.append_column(pa.field(name, typ), pa.array(values, type=typ))
-    return table
-
-
-def table_to_triaged(table: pa.Table) -> list[TriagedPair]:
-    pairs = table_to_pairs(table.select(list(PAIR_COLUMNS)))
-    cols = table.select([n for n, _ in SHARD_EXTRA]).to_pylist()
-    return [
-        TriagedPair(p, TriageType(c["triage"]), c["chosen_compliant"], c["rejected_compliant"], c["correction"])
-        for p, c in zip(pairs, cols)
-    ]
-
+from trace_realign.core.triage import TriageType, split_holdout, triage_counts, triage_pairs
 
 def _write_shards(triaged, folder, stem, size):
     out = []

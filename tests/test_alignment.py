@@ -6,7 +6,8 @@ import random
 import torch
 
 from tests.conftest import random_text
-from trace_realign.core.alignment import DpoSettings, dpo_align, dpo_samples
+from trace_realign.core.alignment import dpo_align, dpo_samples
+from trace_realign.core.config import DpoConfig
 from trace_realign.core.data import PreferencePair
 from trace_realign.core.impact import reference_logps
 from trace_realign.core.modeling import is_peft, load_model
@@ -35,8 +36,8 @@ def test_dpo_raises_the_margin_and_returns_a_plain_merged_model(tiny_model_dir, 
     pad = tiny_tokenizer.pad_token_id
     base = load_model(tiny_model_dir)
     before = reference_logps(base, samples, pad)
-    settings = DpoSettings(learning_rate=5e-3, max_steps=12, per_device_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0, max_length=64)
-    merged, result = dpo_align(load_model(tiny_model_dir), tiny_tokenizer, pairs, settings, tmp_path)
+    config = DpoConfig(learning_rate=5e-3, max_steps=12, per_device_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0, max_length=64)
+    merged, result = dpo_align(load_model(tiny_model_dir), tiny_tokenizer, pairs, config, tmp_path)
     assert not is_peft(merged) and result.global_step == 12 and result.pairs == 12
     after = reference_logps(merged, samples, pad)
     margin_before = (before[:, 0] - before[:, 1]).mean().item()

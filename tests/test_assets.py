@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from trace_realign.core import assets
 from trace_realign.core.assets import KNOWN_MODELS, default_cache_dir, prepare_model, read_marker, resolve_model
 from trace_realign.core.errors import TraceError
 

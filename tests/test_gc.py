@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
 
 from trace_realign.flows.gc import apply_gc, plan_gc
 from tests.test_pipeline import ROOT, cached, cli, judge, make_config, requests_made, run_flow  # noqa: F401

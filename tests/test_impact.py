@@ -14,9 +14,10 @@ from trace_realign.core.impact import (
     impact_weights,
     reference_logps,
 )
-from trace_realign.core.modeling import LoraSettings, add_lora, load_model
+from trace_realign.core.config import LoraConfig, ReferenceTrainingConfig, TriageConfig, WeightsConfig
+from trace_realign.core.modeling import add_lora, load_model
 from trace_realign.core.objective import Sample, SampleKind
-from trace_realign.core.reference import ReferenceSettings, run_reference_stage
+from trace_realign.core.reference import run_reference_stage
 from trace_realign.core.tokenization import Encoder
 from trace_realign.core.triage import triage_pairs
 
@@ -54,15 +55,15 @@ def assert_scores_match(model, tokenizer, punish_form="trace"):
 
 
 def test_batched_scores_equal_brute_force_with_lora(tiny_model_dir, tiny_tokenizer):
-    model = add_lora(load_model(tiny_model_dir), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=1)
+    model = add_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=1)
     scores = assert_scores_match(model, tiny_tokenizer)
     # Scores depend on the initial adapter: another seed gives other values.
-    other = add_lora(load_model(tiny_model_dir), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=2)
+    other = add_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed=2)
     assert not torch.allclose(scores, assert_scores_match(other, tiny_tokenizer))
 
 
 def test_batched_scores_equal_brute_force_with_npo_form(tiny_model_dir, tiny_tokenizer):
-    model = add_lora(load_model(tiny_model_dir), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), seed=3)
+    model = add_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), seed=3)
     assert_scores_match(model, tiny_tokenizer, punish_form="npo")
 
 
@@ -121,9 +122,9 @@ def test_reference_stage_weights_and_refs(tiny_model_dir, tiny_tokenizer):
     verdicts_c = [False, False, True, None] * 3
     verdicts_r = [True, False, True, True] * 3
     triaged = triage_pairs(pairs, verdicts_c, verdicts_r)
-    model = add_lora(load_model(tiny_model_dir), LoraSettings(r=4, alpha=8), seed=0)
-    enc = Encoder(tiny_tokenizer, max_length=64)
-    out = run_reference_stage(model, tiny_tokenizer, triaged, enc, ReferenceSettings(gold_size=6, batch_size=4))
+    model = add_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8), seed=0)
+    training = ReferenceTrainingConfig(max_length=64)
+    out = run_reference_stage(model, tiny_tokenizer, triaged, training, WeightsConfig(gold_size=6, batch_size=4), TriageConfig())
     kinds = [s.kind for s in out.samples]
     assert kinds.count(SampleKind.PREFER) == 3 and kinds.count(SampleKind.PUNISH) == 3 and kinds.count(SampleKind.RETAIN) == 3
     conflict = [s for s in out.samples if s.kind != SampleKind.RETAIN]
@@ -137,5 +138,5 @@ def test_reference_stage_weights_and_refs(tiny_model_dir, tiny_tokenizer):
     assert torch.allclose(torch.tensor([s.ref_logps for s in conflict]), ref, atol=1e-4)
     assert len(out.gold) == 6
     # Without impact weighting every conflict sample weighs the same.
-    flat = run_reference_stage(model, tiny_tokenizer, triaged, enc, ReferenceSettings(use_impact_weights=False))
+    flat = run_reference_stage(model, tiny_tokenizer, triaged, training, WeightsConfig(enabled=False), TriageConfig())
     assert [s.weight for s in flat.samples if s.kind != SampleKind.RETAIN] == pytest.approx([1 / 6] * 6)

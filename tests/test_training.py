@@ -9,14 +9,15 @@ from trace_realign.core.errors import TraceError
 from trace_realign.core.impact import reference_logps
 from trace_realign.core.logprobs import forward_logits, response_logps
 from trace_realign.core.losses import retain_kl
-from trace_realign.core.modeling import LoraSettings, add_lora, load_adapter, load_model
+from trace_realign.core.config import LoraConfig, TrainingConfig, TriageConfig, WeightsConfig
+from trace_realign.core.modeling import add_lora, load_adapter, load_model
 from trace_realign.core.objective import SampleKind, build_samples
-from trace_realign.core.reference import ReferenceSettings, run_reference_stage
+from trace_realign.core.reference import run_reference_stage
 from trace_realign.core.tokenization import Encoder, pad_sequences
-from trace_realign.core.training import InjectedFailure, TrainSettings, save_output, train
+from trace_realign.core.training import InjectedFailure, save_output, train
 from trace_realign.core.triage import TriagedPair, TriageType, triage_pairs
 
-LORA = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
+LORA = LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj"])
 
 
 def triaged_set(n=12, seed=0):
@@ -36,18 +37,19 @@ def settings(**kw):
         per_device_batch_size=4,
         gradient_accumulation_steps=1,
         logging_steps=1,
-        disable_tqdm=True,
         alpha_kl=1.0,
+        max_length=64,
     )
     base.update(kw)
-    return TrainSettings(**base)
+    return TrainingConfig(**base)
 
 
-def prepared(tiny_model_dir, tokenizer, tmp_path, **ref_kw):
+def prepared(tiny_model_dir, tokenizer, tmp_path, weighted=True, use_kl=True):
     model = add_lora(load_model(tiny_model_dir), LORA, seed=0)
     model.save_pretrained(tmp_path / "initial_adapter")
-    enc = Encoder(tokenizer, max_length=64)
-    ref = run_reference_stage(model, tokenizer, triaged_set(), enc, ReferenceSettings(gold_size=6, **ref_kw))
+    ref = run_reference_stage(
+        model, tokenizer, triaged_set(), settings(use_kl=use_kl), WeightsConfig(gold_size=6, enabled=weighted), TriageConfig()
+    )
     return model, ref
 
 
@@ -76,10 +78,10 @@ def measures(model, samples, tokenizer):
 
 
 def test_training_moves_the_model_the_right_way(tiny_model_dir, tiny_tokenizer, tmp_path):
-    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_impact_weights=False)
+    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, weighted=False)
     margin0, punish0, kl0, _ = measures(model, ref.samples, tiny_tokenizer)
     assert kl0 == pytest.approx(0.0, abs=1e-6)
-    result = train(model, tiny_tokenizer, ref.samples, settings(), tmp_path / "out")
+    result = train(model, tiny_tokenizer, ref.samples, settings(), tmp_path / "out", progress=False)
     margin1, punish1, kl1, _ = measures(model, ref.samples, tiny_tokenizer)
     assert result.global_step == 8
     assert margin1 > margin0 + 1.0, (margin0, margin1)
@@ -91,11 +93,11 @@ def test_training_moves_the_model_the_right_way(tiny_model_dir, tiny_tokenizer, 
 
 
 def test_kl_term_holds_retain_behaviour(tiny_model_dir, tiny_tokenizer, tmp_path):
-    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_impact_weights=False)
-    train(model, tiny_tokenizer, ref.samples, settings(alpha_kl=0.0), tmp_path / "a")
+    model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, weighted=False)
+    train(model, tiny_tokenizer, ref.samples, settings(alpha_kl=0.0), tmp_path / "a", progress=False)
     kl_without = measures(model, ref.samples, tiny_tokenizer)[2]
-    model2, ref2 = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_impact_weights=False)
-    train(model2, tiny_tokenizer, ref2.samples, settings(alpha_kl=1.0), tmp_path / "b")
+    model2, ref2 = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, weighted=False)
+    train(model2, tiny_tokenizer, ref2.samples, settings(alpha_kl=1.0), tmp_path / "b", progress=False)
     kl_with = measures(model2, ref2.samples, tiny_tokenizer)[2]
     assert kl_with < 0.2 * kl_without, (kl_with, kl_without)
 
@@ -106,27 +108,27 @@ def test_zero_weight_samples_do_not_train(tiny_model_dir, tiny_tokenizer, tmp_pa
     model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path, use_kl=False)
     zero = [replace(s, weight=0.0) for s in ref.samples]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    train(model, tiny_tokenizer, zero, settings(max_steps=2), tmp_path / "z")
+    train(model, tiny_tokenizer, zero, settings(max_steps=2), tmp_path / "z", progress=False)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_interrupted_and_resumed_run_ends_with_same_weights(tiny_model_dir, tiny_tokenizer, tmp_path):
-    lora = LoraSettings(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])  # dropout exercises the RNG
+    lora = LoraConfig(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])  # dropout exercises the RNG
     base = add_lora(load_model(tiny_model_dir), lora, seed=0)
     base.save_pretrained(tmp_path / "init")
-    ref = run_reference_stage(base, tiny_tokenizer, triaged_set(), Encoder(tiny_tokenizer, max_length=64), ReferenceSettings(gold_size=6))
+    ref = run_reference_stage(base, tiny_tokenizer, triaged_set(), settings(), WeightsConfig(gold_size=6), TriageConfig())
     s = settings(max_steps=6, per_device_batch_size=2, gradient_accumulation_steps=2, save_steps=3, lr_scheduler="cosine", warmup_steps=2)
 
     def fresh():
         return load_adapter(load_model(tiny_model_dir), tmp_path / "init", trainable=True)
 
     full = fresh()
-    train(full, tiny_tokenizer, ref.samples, s, tmp_path / "full")
+    train(full, tiny_tokenizer, ref.samples, s, tmp_path / "full", progress=False)
     broken = fresh()
     with pytest.raises(InjectedFailure):
-        train(broken, tiny_tokenizer, ref.samples, settings(**{**s.__dict__, "fail_at_step": 3}), tmp_path / "resumed")
+        train(broken, tiny_tokenizer, ref.samples, s, tmp_path / "resumed", progress=False, fail_at_step=3)
     resumed = fresh()
-    result = train(resumed, tiny_tokenizer, ref.samples, s, tmp_path / "resumed", resume_from_checkpoint=True)
+    result = train(resumed, tiny_tokenizer, ref.samples, s, tmp_path / "resumed", progress=False, resume_from_checkpoint=True)
     assert result.global_step == 6
     a = dict(full.named_parameters())
     changed = False
@@ -142,7 +144,7 @@ def test_output_loads_back_with_transformers(tiny_model_dir, tiny_tokenizer, tmp
     from transformers import AutoModelForCausalLM
 
     model, ref = prepared(tiny_model_dir, tiny_tokenizer, tmp_path)
-    train(model, tiny_tokenizer, ref.samples, settings(max_steps=3), tmp_path / "out")
+    train(model, tiny_tokenizer, ref.samples, settings(max_steps=3), tmp_path / "out", progress=False)
     model.eval()
     batch = pad_sequences([ref.samples[0].sequences[0]], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
@@ -165,9 +167,9 @@ def test_full_finetuning_needs_a_reference_copy(tiny_model_dir, tiny_tokenizer, 
 
     samples = [replace(s, ref_logps=tuple(ref[i].tolist())) for i, s in enumerate(samples)]
     with pytest.raises(TraceError, match="frozen reference"):
-        train(model, tiny_tokenizer, samples, settings(max_steps=1), tmp_path / "x")
+        train(model, tiny_tokenizer, samples, settings(max_steps=1), tmp_path / "x", progress=False)
     model.train()
-    result = train(model, tiny_tokenizer, samples, settings(max_steps=2, learning_rate=1e-3), tmp_path / "y", ref_model=ref_model)
+    result = train(model, tiny_tokenizer, samples, settings(max_steps=2, learning_rate=1e-3), tmp_path / "y", progress=False, ref_model=ref_model)
     assert result.global_step == 2
     changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
     assert changed

@@ -1,60 +1,39 @@
-"""Plain DPO on preference pairs: how a model gets aligned to an old policy in the first place.
+"""Plain DPO and SFT on preference pairs: how a model gets aligned to an old policy in the first place.
 
 TRACE starts from a model that was preference-aligned under an old policy. The demo needs such a
 model: SmolLM2-135M-Instruct itself was never trained on the demo's old preference set, so it
-does not refuse what the old policy refused. :func:`dpo_align` makes that old-aligned model the
-way the story says it was made -- DPO of the base model on the old pairs (chosen over rejected) --
-with LoRA, then folds the adapter into the weights so the result is an ordinary model folder
-that TRACE can take as ``M_ref``.
+does not refuse what the old policy refused. :func:`sft_align` (what the demo's prepared model
+uses) and :func:`dpo_align` make that old-aligned model from the old pairs with LoRA, then fold
+the adapter into the weights so the result is an ordinary model folder that TRACE can take as
+``M_ref``.
 
-The same objective is the "naive relabelling" baseline of method.md when the pairs have been
-relabelled under the new policy first. It reuses the TRACE trainer: every pair is one PREFER
+DPO is also the "naive relabelling" baseline of arXiv 2511.02623's experiments when the pairs have
+been relabelled under the new policy first. It reuses the TRACE trainer: every pair is one PREFER
 sample with weight 1 (``weight_normalization="mean"``) and no RETAIN term.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from transformers import Trainer
+
+from trace_realign.core.config import AlignmentConfig, DpoConfig, TrainerConfig, TrainingConfig
 from trace_realign.core.data import PreferencePair
 from trace_realign.core.errors import TraceError
 from trace_realign.core.impact import reference_logps
-from trace_realign.core.modeling import LoraSettings, add_lora
+from trace_realign.core.modeling import add_lora
 from trace_realign.core.objective import Sample, SampleKind
-from trace_realign.core.tokenization import Encoder
-from trace_realign.core.training import TrainSettings, train, training_arguments
-
-
-@dataclass(frozen=True)
-class DpoSettings:
-    """Settings of a plain DPO run (LoRA, merged at the end)."""
-
-    beta: float = 0.1
-    learning_rate: float = 5e-4
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_batch_size: int = 4
-    gradient_accumulation_steps: int = 2
-    warmup_steps: int = 4
-    lr_scheduler: str = "cosine"
-    max_length: int = 192
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    seed: int = 0
-    batch_size: int = 8  # reference log-prob pass
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["lora_target_modules"] = list(self.lora_target_modules)
-        return d
+from trace_realign.core.tokenization import Encoder, pad_sequences
+from trace_realign.core.training import train, training_arguments
 
 
 @dataclass
-class DpoResult:
+class AlignmentResult:
+    """What an alignment run did: optimizer steps, pairs trained on, and the trainer's log."""
+
     global_step: int
     pairs: int
     log_history: list[dict] = field(default_factory=list)
@@ -73,21 +52,24 @@ def dpo_align(
     model,
     tokenizer,
     pairs: Sequence[PreferencePair],
-    settings: DpoSettings,
+    config: DpoConfig,
     work_dir: str | Path,
     *,
+    seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
 ):
     """DPO-train ``model`` on ``pairs`` with a fresh LoRA adapter; return (merged model, result).
 
     ``model`` is the base model (its weights are the DPO reference). The returned model is the
     base with the trained adapter merged in: a plain transformers model to ``save_pretrained``.
-    ``work_dir`` receives the trainer's scratch output (no checkpoints are written).
+    ``work_dir`` receives the trainer's scratch output (no checkpoints are written); ``seed`` draws
+    the adapter and orders the data; ``progress(stage, done, total)`` follows the reference pass
+    (and shows the trainer's progress bar). Raises TraceError for no pairs.
     """
     if not pairs:
         raise TraceError("dpo: no preference pairs")
-    encoder = Encoder(tokenizer, max_length=settings.max_length)
-    peft_model = _with_lora(model, settings)
+    encoder = Encoder(tokenizer, max_length=config.max_length)
+    peft_model = add_lora(model, config.lora, seed=seed)
     samples = dpo_samples(pairs, encoder)
     # LoRA B starts at 0, so the adapted model is the reference here: one no-grad pass gives
     # every reference log-prob the loss needs.
@@ -98,36 +80,19 @@ def dpo_align(
         if progress:
             progress("reference", done[0], len(samples))
 
-    ref = reference_logps(peft_model, samples, tokenizer.pad_token_id, settings.batch_size, step)
+    ref = reference_logps(peft_model, samples, tokenizer.pad_token_id, config.reference_batch_size, step)
     samples = [replace(s, weight=1.0 / len(samples), ref_logps=(float(ref[i, 0]), float(ref[i, 1]))) for i, s in enumerate(samples)]
-    train_settings = _train_settings(settings, disable_tqdm=progress is None)
-    result = train(peft_model, tokenizer, samples, train_settings, work_dir)
+    result = train(peft_model, tokenizer, samples, _as_trace_training(config), work_dir, seed=seed, progress=progress is not None)
     return _merged(peft_model, result.global_step, len(pairs), result.log_history)
 
 
-def _with_lora(model, settings: DpoSettings):
-    """``model`` with a fresh LoRA adapter of ``settings``."""
-    lora = LoraSettings(settings.lora_r, settings.lora_alpha, settings.lora_dropout, list(settings.lora_target_modules))
-    return add_lora(model, lora, seed=settings.seed)
-
-
-def _train_settings(settings: DpoSettings, *, disable_tqdm: bool) -> TrainSettings:
-    """The trainer settings of a plain run: every logged step, no checkpoints, no KL."""
-    return TrainSettings(
-        beta=settings.beta,
-        alpha_kl=0.0,
-        weight_normalization="mean",  # weight 1/N scaled by N: every pair counts 1, as in DPO
-        learning_rate=settings.learning_rate,
-        lr_scheduler=settings.lr_scheduler,
-        warmup_steps=settings.warmup_steps,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        per_device_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        logging_steps=1,
-        save_steps=0,
-        seed=settings.seed,
-        disable_tqdm=disable_tqdm,
+def _as_trace_training(config: DpoConfig) -> TrainingConfig:
+    """A DPO run as TRACE training: PREFER samples only, each weight 1/N scaled by N (every pair
+    counts 1, as in DPO), no KL term."""
+    trainer = config.model_dump(include=set(TrainerConfig.model_fields))
+    return TrainingConfig(
+        **trainer, lora=config.lora, max_length=config.max_length, beta=config.beta,
+        alpha_kl=0.0, use_kl=False, weight_normalization="mean",
     )
 
 
@@ -137,7 +102,7 @@ def _merged(peft_model, global_step: int, n_pairs: int, log_history: list[dict])
     final = {k: v for k, v in (logged[-1] if logged else {}).items() if isinstance(v, (int, float))}
     merged = peft_model.merge_and_unload()
     merged.eval()
-    return merged, DpoResult(global_step, n_pairs, list(log_history), final)
+    return merged, AlignmentResult(global_step, n_pairs, list(log_history), final)
 
 
 class _SftCollator:
@@ -147,8 +112,6 @@ class _SftCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, sequences):
-        from trace_realign.core.tokenization import pad_sequences
-
         batch = pad_sequences(sequences, self.pad_token_id)
         labels = batch.input_ids.masked_fill(batch.response_mask == 0, -100)
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
@@ -158,20 +121,24 @@ def sft_align(
     model,
     tokenizer,
     pairs: Sequence[PreferencePair],
-    settings: DpoSettings,
+    config: AlignmentConfig,
     work_dir: str | Path,
+    *,
+    seed: int = 0,
 ):
     """Supervised fine-tuning on the chosen responses (LoRA, merged): the cheaper way to make a
     model follow the policy that chose them (one sequence per pair, no reference pass).
-    Returns (merged model, result); ``settings.beta`` is unused."""
-    from transformers import Trainer
 
+    The loss is the mean token cross-entropy of the chosen responses (prompt tokens masked).
+    ``seed`` draws the adapter and orders the data. Returns (merged model, result); raises
+    TraceError for no pairs.
+    """
     if not pairs:
         raise TraceError("sft: no preference pairs")
-    encoder = Encoder(tokenizer, max_length=settings.max_length)
+    encoder = Encoder(tokenizer, max_length=config.max_length)
     sequences = [encoder.sequence(p.prompt, p.chosen) for p in pairs]  # the data set: a list
-    peft_model = _with_lora(model, settings)
-    args = training_arguments(_train_settings(settings, disable_tqdm=True), work_dir)
+    peft_model = add_lora(model, config.lora, seed=seed)
+    args = training_arguments(config, work_dir, seed=seed, progress=False)
     trainer = Trainer(model=peft_model, args=args, train_dataset=sequences, data_collator=_SftCollator(tokenizer.pad_token_id))
     trainer.train()
     return _merged(peft_model, trainer.state.global_step, len(pairs), trainer.state.log_history)

@@ -80,7 +80,7 @@ class AlignedSource:
 
     base: str  # a known model name
     data: str  # a preference file shipped with the distribution (trace_realign.core.resources)
-    settings: tuple[tuple[str, Any], ...]  # DpoSettings overrides, as sorted items
+    settings: tuple[tuple[str, Any], ...]  # AlignmentConfig overrides, as sorted items
 
     @property
     def data_path(self) -> Path:
@@ -400,13 +400,14 @@ def _build_aligned(source: AlignedSource, out: Path, cache: Path) -> dict[str, A
     import torch
     import transformers
 
-    from trace_realign.core.alignment import DpoSettings, sft_align
+    from trace_realign.core.alignment import sft_align
+    from trace_realign.core.config import AlignmentConfig
     from trace_realign.core.data import load_pairs
     from trace_realign.core.modeling import load_model, load_tokenizer
 
     base_dir = prepare_model(source.base, cache)
     pairs = load_pairs(source.data_path).pairs
-    settings = DpoSettings(**dict(source.settings))
+    settings = AlignmentConfig(**dict(source.settings))
     tokenizer = load_tokenizer(base_dir)
     log.info("fine-tuning %s on %d chosen responses of %s (about 5 min on 2 CPU cores)", source.base, len(pairs), source.data)
     with tempfile.TemporaryDirectory(dir=out) as scratch:
@@ -414,7 +415,7 @@ def _build_aligned(source: AlignedSource, out: Path, cache: Path) -> dict[str, A
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
-        "source": {"base": source.base, "data": source.data, "method": "sft", "settings": settings.as_dict()},
+        "source": {"base": source.base, "data": source.data, "method": "sft", "settings": settings.model_dump(mode="json")},
         "training": {"steps": result.global_step, "pairs": result.pairs, "final": result.final},
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trace_realign.core.errors import ConfigError, describe_validation_errors
 from trace_realign.core.oracle.config import BACKENDS, INPUT_FILE, JudgeConfig
@@ -40,37 +40,51 @@ LOCAL_PATH = {"local_path": True}
 
 
 class ModelConfig(_Section):
+    """The aligned model ``M_ref`` that is realigned."""
+
     path: str = Field(
-        description="a known name (smollm2-135m-instruct, tiny-random) or a local model folder", json_schema_extra=LOCAL_PATH
+        description="a known name (smollm2-135m-instruct, smollm2-135m-instruct-old-policy, tiny-random) or a local model folder",
+        json_schema_extra=LOCAL_PATH,
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="float32 or bfloat16: the weights' dtype when loaded")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1")
 
 
 class DataConfig(_Section):
-    path: str = Field(description="a local file or folder, or a Hugging Face dataset name", json_schema_extra=LOCAL_PATH)
-    format: Literal["jsonl", "json", "csv", "parquet", "hf"] | None = None
-    split: str = "train"
-    config_name: str | None = None
+    """The old preference pairs ``D = {(x, y_w, y_l)}``."""
+
+    path: str = Field(description="a data file or folder, or a Hugging Face hub data set name", json_schema_extra=LOCAL_PATH)
+    format: Literal["jsonl", "json", "csv", "parquet", "hf"] | None = Field(None, description="jsonl, json, csv, parquet or hf; default: from the file ending")
+    split: str = Field("train", description="the split of a hub data set")
+    config_name: str | None = Field(None, description="the configuration of a hub data set")
     columns: dict[str, str] = Field(default_factory=dict, description="schema name -> source column")
-    adapter: Literal["pairs", "pku_saferlhf"] = "pairs"
-    on_invalid: Literal["error", "skip"] = "error"
-    limit: int | None = Field(None, ge=1)
+    adapter: Literal["pairs", "pku_saferlhf"] = Field("pairs", description="how rows become pairs: pairs (prompt, chosen, rejected) or pku_saferlhf")
+    on_invalid: Literal["error", "skip"] = Field("error", description="a bad row stops the run (error) or is skipped and counted (skip)")
+    limit: int | None = Field(None, ge=1, description="use only the first this many pairs")
     shard_size: int = Field(256, ge=1, description="pairs per judging shard: a crash loses at most one shard's requests in flight")
 
 
 class PolicyConfig(_Section):
-    path: str = Field(description="the new policy document (Markdown with optional YAML front matter)", json_schema_extra=LOCAL_PATH)
+    """The new policy ``pi_new``."""
+
+    path: str = Field(
+        description="a Markdown policy with optional YAML front matter (name, version, rules for the annotations judge)",
+        json_schema_extra=LOCAL_PATH,
+    )
 
 
 class TriageConfig(_Section):
+    """Triage (arXiv 2511.02623, stage 1: every pair is INVERT, PUNISH or RETAIN under the new policy)."""
+
     corrections: bool = Field(False, description="PUNISH pairs train an oracle-written correction over y_w")
     use_triage: bool = Field(True, description="false: the no-triage ablation (NPO on every old loser)")
 
 
 class WeightsConfig(_Section):
+    """Impact weighting (arXiv 2511.02623, stage 2: the alignment impact score against a gold batch)."""
+
     enabled: bool = Field(True, description="false: the no-impact-weighting ablation (all w_i = 1)")
-    gold_size: int = Field(64, ge=1)
+    gold_size: int = Field(64, ge=1, description="pairs in the gold batch D_gold drawn from the training data")
     gold_path: str | None = Field(
         None, description="your own gold pairs (prompt, preferred, dispreferred)", json_schema_extra=INPUT_FILE
     )
@@ -78,46 +92,117 @@ class WeightsConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(32, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """A LoRA adapter (PEFT). Defaults: the authors' settings (arXiv 2511.02623, experimental setup)."""
+
+    r: int = Field(32, ge=1, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="lora_alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="the linear layers that get an adapter"
+    )
 
 
-class TrainingConfig(_Section):
-    full_finetune: bool = False
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    max_length: int = Field(256, ge=8)
-    max_prompt_length: int | None = Field(None, ge=1)
-    beta: float = Field(0.3, gt=0)
-    alpha_kl: float = Field(0.1, ge=0)
-    use_kl: bool = Field(True, description="false: the no-KL ablation")
-    punish_form: Literal["trace", "npo"] = "trace"
-    weight_normalization: Literal["mean", "sum"] = "mean"
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = Field(100, ge=0)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
-    per_device_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(4, ge=1)
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(0, ge=0)
+class TrainerConfig(_Section):
+    """Optimisation settings, mapped one to one onto transformers' ``TrainingArguments``
+    (:func:`trace_realign.core.training.training_arguments`)."""
+
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    lr_scheduler: str = Field("cosine", description="a transformers scheduler name (cosine, linear, constant, ...)")
+    warmup_steps: int = Field(100, ge=0, description="optimizer steps of linear warm-up")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the samples (ignored when max_steps > 0)")
+    max_steps: int = Field(-1, description="optimizer steps to run; -1: num_train_epochs decides")
+    per_device_batch_size: int = Field(1, ge=1, description="samples per device per forward")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="forwards per optimizer step")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward (less memory, slower)")
+    bf16: bool = Field(False, description="bfloat16 mixed precision")
+    logging_steps: int = Field(10, ge=1, description="optimizer steps between logged losses")
+    save_steps: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0: none")
+
+
+class ReferenceTrainingConfig(_Section):
+    """The training settings the reference stage reads: how samples are encoded, which model is
+    trainable, and the loss parameters the impact scores and reference log-probs depend on.
+    Every other training setting leaves the reference stage's result (and cache key) unchanged."""
+
+    full_finetune: bool = Field(False, description="train every weight (a frozen copy is the reference) instead of a LoRA adapter")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the LoRA adapter (ignored under full_finetune)")
+    max_length: int = Field(256, ge=8, description="tokens per sequence, prompt and response together")
+    max_prompt_length: int | None = Field(None, ge=1, description="tokens of the prompt, below max_length; default: half of max_length")
+    beta: float = Field(0.3, gt=0, description="inverse temperature of the DPO and NPO terms, in scoring and training")
+    punish_form: Literal["trace", "npo"] = Field(
+        "trace", description="PUNISH loss: trace (the authors' dual form) or npo (NPO's 2/beta scale, arXiv 2404.05868)"
+    )
+    use_kl: bool = Field(True, description="false: the no-KL ablation (no RETAIN samples)")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
+            )
+        return self
+
+
+class TrainingConfig(ReferenceTrainingConfig, TrainerConfig):
+    """Weighted TRACE training: ``L = sum_{conflict} w_i L_i + alpha_KL sum_{retain} KL_i``
+    (arXiv 2511.02623, stage 3, the hybrid objective). Defaults: the authors' settings where they
+    gave one."""
+
+    alpha_kl: float = Field(0.1, ge=0, description="weight alpha_KL of the RETAIN KL term")
+    weight_normalization: Literal["mean", "sum"] = Field(
+        "mean", description="mean: w_i scaled to average 1 (DPO's per-sample scale); sum: w_i sum to 1, as the authors' code"
+    )
     merge: bool = Field(False, description="also save merged full weights next to the adapter")
-    fail_at_step: int | None = Field(None, ge=1, description="test switch: crash after this step's checkpoint")
+    fail_at_step: int | None = Field(None, ge=1, description="test switch: crash after this step's checkpoint (a run switch: in no cache key, passed to train() as fail_at_step)")
+
+    @model_validator(mode="after")
+    def _crash_after_a_checkpoint(self):
+        if self.fail_at_step is not None and self.save_steps == 0:
+            raise ValueError(
+                "fail_at_step needs save_steps > 0 (the crash is raised after a checkpoint is saved)"
+            )
+        return self
+
+    def reference_view(self) -> ReferenceTrainingConfig:
+        """The settings the reference stage reads (its cache key holds only these)."""
+        return ReferenceTrainingConfig.model_validate(self.model_dump(include=set(ReferenceTrainingConfig.model_fields)))
+
+
+class AlignmentConfig(TrainerConfig):
+    """Supervised fine-tuning on the chosen responses (LoRA, merged): how the demo's old-policy
+    model is made (:func:`trace_realign.core.alignment.sft_align`). Not part of the pipeline config."""
+
+    max_length: int = Field(192, ge=8, description="tokens per sequence, prompt and response together")
+    lora: LoraConfig = Field(
+        default_factory=lambda: LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        description="the LoRA adapter, merged into the weights at the end",
+    )
+    learning_rate: float = Field(5e-4, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(4, ge=0, description="optimizer steps of linear warm-up")
+    per_device_batch_size: int = Field(4, ge=1, description="samples per device per forward")
+    gradient_accumulation_steps: int = Field(2, ge=1, description="forwards per optimizer step")
+    logging_steps: int = Field(1, ge=1, description="optimizer steps between logged losses")
+
+
+class DpoConfig(AlignmentConfig):
+    """Plain DPO on the pairs, chosen over rejected (LoRA, merged)
+    (:func:`trace_realign.core.alignment.dpo_align`): the settings of SFT plus DPO's own."""
+
+    beta: float = Field(0.1, gt=0, description="DPO's inverse temperature")
+    reference_batch_size: int = Field(8, ge=1, description="pairs per batch of the reference log-prob pass")
 
 
 class EvaluationConfig(_Section):
-    enabled: bool = True
+    """Target policy agreement (TPA) before and after realignment, on held-out prompts."""
+
+    enabled: bool = Field(True, description="false: no evaluate stage (and no held-out pairs)")
     prompts_path: str | None = Field(
         None, description="held-out prompts (JSONL with 'prompt'); default: held-out pairs", json_schema_extra=INPUT_FILE
     )
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="pairs held out of training for evaluation")
-    max_prompts: int = Field(64, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    batch_size: int = Field(8, ge=1)
+    max_prompts: int = Field(64, ge=1, description="prompts generated for and judged")
+    max_new_tokens: int = Field(96, ge=1, description="tokens generated per prompt (greedy)")
+    batch_size: int = Field(8, ge=1, description="prompts per generation batch")
     judge: JudgeConfig | None = Field(None, description="judge for generations; default: the oracle")
     labels_path: str | None = Field(
         None,

@@ -69,7 +69,6 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
-import io
 import json
 import re
 from collections import Counter

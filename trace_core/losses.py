@@ -7,7 +7,6 @@ response tokens; ``r(y) = log p_theta(y|x) - log p_ref(y|x)`` and
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 

@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from trace_realign.core.config import LoraConfig, ReferenceTrainingConfig
 from trace_realign.core.errors import TraceError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class LoraSettings:
-    """The authors' LoRA settings as defaults (method.md)."""
-
-    r: int = 32
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -58,15 +48,19 @@ def load_model(model_path: str | Path, dtype: str = "float32", device: str | tor
     return model.to(device).eval()
 
 
-def add_lora(model, settings: LoraSettings, seed: int = 0):
-    """Wrap ``model`` with a fresh LoRA adapter whose initial values are fixed by ``seed``."""
-    from peft import LoraConfig, get_peft_model
+def add_lora(model, lora: LoraConfig, seed: int = 0):
+    """Wrap ``model`` with a fresh LoRA adapter whose initial values are fixed by ``seed``.
 
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+    LoRA's B matrices start at zero, so the wrapped model computes what ``model`` does; A is drawn
+    from the seeded generator. Raises TraceError when ``lora.target_modules`` names no layer.
+    """
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -75,7 +69,35 @@ def add_lora(model, settings: LoraSettings, seed: int = 0):
         try:
             return get_peft_model(model, config)
         except ValueError as exc:
-            raise TraceError(f"lora.target_modules {settings.target_modules}: {exc}") from None
+            raise TraceError(f"lora.target_modules {lora.target_modules}: {exc}") from None
+
+
+def trainable_model(
+    model_path: str | Path,
+    training: ReferenceTrainingConfig,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    adapter: str | Path | None = None,
+):
+    """The model at theta_ref, ready to train, as ``training`` asks for it.
+
+    - ``training.full_finetune``: the model itself, every weight trainable (the caller keeps a
+      frozen copy, :func:`load_model`, as the reference).
+    - LoRA with ``adapter``: the model with that saved adapter, trainable (training starts from
+      the adapter the impact scores were taken at).
+    - LoRA without: the model with a fresh ``training.lora`` adapter drawn with ``seed``.
+    Raises TraceError for a missing model folder or a ``lora.target_modules`` that matches nothing.
+    """
+    model = load_model(model_path, dtype, device)
+    if training.full_finetune:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if adapter is not None:
+        return load_adapter(model, adapter, trainable=True)
+    return add_lora(model, training.lora, seed=seed)
 
 
 def save_adapter(model, folder: str | Path) -> Path:

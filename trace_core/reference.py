@@ -2,7 +2,9 @@
 
 From the triaged pairs: the training samples, the gold batch, ``g_F``, the exact impact score
 and weight of every conflict sample, and the reference log-probs the losses need, the last two
-from one shared batched pass.
+from one shared batched pass (arXiv 2511.02623, stage 2, the alignment impact score). The
+weights table (:data:`WEIGHTS_SCHEMA`) carries them to training, which rebuilds the same samples
+and joins them back by ``pair_id`` (:func:`training_samples`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
+import pyarrow as pa
 import torch
 
+from trace_realign.core.config import ReferenceTrainingConfig, TriageConfig, WeightsConfig
+from trace_realign.core.errors import TraceError
 from trace_realign.core.impact import (
     GoldPair,
     build_gold_batch,
@@ -21,22 +26,24 @@ from trace_realign.core.impact import (
     impact_weights,
     reference_logps,
 )
-from trace_realign.core.objective import PunishForm, Sample, SampleKind, build_samples
+from trace_realign.core.objective import Sample, SampleKind, build_samples
 from trace_realign.core.tokenization import Encoder
 from trace_realign.core.triage import TriagedPair, TriageType
 
-
-@dataclass
-class ReferenceSettings:
-    beta: float = 0.3
-    punish_form: PunishForm = "trace"
-    gold_size: int = 64
-    seed: int = 0
-    batch_size: int = 8
-    use_triage: bool = True
-    use_kl: bool = True
-    use_impact_weights: bool = True
-    use_corrections: bool = False
+WEIGHTS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("triage", pa.string()),
+        ("kind", pa.string()),
+        ("impact_score", pa.float64()),
+        ("weight", pa.float64()),
+        ("ref_logp_a", pa.float64()),
+        ("ref_logp_b", pa.float64()),
+    ]
+)
+"""One row per sample: its pair, triage type and :class:`SampleKind` (lower case), the raw impact
+score ``s_i`` (null for RETAIN and without weighting), the weight ``w_i`` (summing to 1 over
+conflict samples, 0 for RETAIN) and the reference log-probs of its first and second sequence (nats)."""
 
 
 @dataclass
@@ -45,6 +52,21 @@ class ReferenceOutput:
     scores: dict[str, float]  # pair_id -> raw impact score s_i (conflict samples; empty without weighting)
     gold: list[GoldPair]
     stats: dict = field(default_factory=dict)
+
+
+def encoder_for(tokenizer, training: ReferenceTrainingConfig) -> Encoder:
+    """The encoder of the training samples: ``training.max_length`` tokens per sequence, at most
+    ``training.max_prompt_length`` of them the prompt's."""
+    return Encoder(tokenizer, max_length=training.max_length, max_prompt_length=training.max_prompt_length)
+
+
+def samples_for(
+    triaged: Sequence[TriagedPair], encoder: Encoder, training: ReferenceTrainingConfig, triage: TriageConfig
+) -> list[Sample]:
+    """The samples of the TRACE objective for ``triaged``, with the ablation switches of the config."""
+    return build_samples(
+        triaged, encoder, use_triage=triage.use_triage, use_kl=training.use_kl, use_corrections=triage.corrections
+    )
 
 
 def compliant_pool(triaged: Sequence[TriagedPair]) -> list[str]:
@@ -62,20 +84,25 @@ def run_reference_stage(
     model,
     tokenizer,
     triaged: Sequence[TriagedPair],
-    encoder: Encoder,
-    settings: ReferenceSettings,
+    training: ReferenceTrainingConfig,
+    weights: WeightsConfig,
+    triage: TriageConfig,
+    *,
+    seed: int = 0,
     user_gold: Sequence[GoldPair] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ReferenceOutput:
     """Build samples and compute their weights and reference log-probs at theta_ref.
 
     ``model`` is at theta_ref: the base model with the initial LoRA adapter (B = 0, so the
-    adapter changes nothing yet) or the base model itself under full fine-tuning.
-    ``progress(stage, done, total)`` is called as batches finish.
+    adapter changes nothing yet) or the base model itself under full fine-tuning. ``seed`` draws
+    the gold batch (unless ``user_gold`` is given). ``progress(stage, done, total)`` is called as
+    batches finish. Scores are ``s_i = <g_F, grad L_i>`` and weights ``w_i = max(0, s_i) / sum_k
+    max(0, s_k)`` over the conflict samples (arXiv 2511.02623, stage 2); without
+    ``weights.enabled`` every conflict sample weighs ``1 / N``.
     """
-    samples = build_samples(
-        triaged, encoder, use_triage=settings.use_triage, use_kl=settings.use_kl, use_corrections=settings.use_corrections
-    )
+    encoder = encoder_for(tokenizer, training)
+    samples = samples_for(triaged, encoder, training, triage)
     conflict_idx = [i for i, s in enumerate(samples) if s.kind != SampleKind.RETAIN]
     conflict = [samples[i] for i in conflict_idx]
     pad = tokenizer.pad_token_id
@@ -92,7 +119,7 @@ def run_reference_stage(
 
     gold: list[GoldPair] = []
     scores: dict[str, float] = {}
-    if settings.use_impact_weights and conflict:
+    if weights.enabled and conflict:
         if user_gold:
             gold = list(user_gold)
         else:
@@ -102,31 +129,31 @@ def run_reference_stage(
                 by_type[TriageType.INVERT],
                 by_type[TriageType.PUNISH],
                 compliant_pool(triaged),
-                size=settings.gold_size,
-                seed=settings.seed,
+                size=weights.gold_size,
+                seed=seed,
             )
         g_f = gold_gradient(
-            model, gold_samples(gold, encoder), settings.beta, pad, settings.batch_size, reporter("gold", len(gold))
+            model, gold_samples(gold, encoder), training.beta, pad, weights.batch_size, reporter("gold", len(gold))
         )
         result = impact_scores(
             model,
             conflict,
             g_f,
-            settings.beta,
+            training.beta,
             pad,
-            settings.punish_form,
-            settings.batch_size,
+            training.punish_form,
+            weights.batch_size,
             reporter("scores", len(conflict)),
         )
-        weights = impact_weights(result.scores)
+        conflict_weights = impact_weights(result.scores)
         ref = result.ref_logps
         scores = {s.pair_id: float(v) for s, v in zip(conflict, result.scores)}
     else:
-        ref = reference_logps(model, conflict, pad, settings.batch_size, reporter("reference", len(conflict)))
-        weights = torch.full((len(conflict),), 1.0 / max(1, len(conflict)), dtype=torch.float64)
+        ref = reference_logps(model, conflict, pad, weights.batch_size, reporter("reference", len(conflict)))
+        conflict_weights = torch.full((len(conflict),), 1.0 / max(1, len(conflict)), dtype=torch.float64)
     out = list(samples)
     for j, i in enumerate(conflict_idx):
-        out[i] = replace(samples[i], weight=float(weights[j]), ref_logps=(float(ref[j, 0]), float(ref[j, 1])))
+        out[i] = replace(samples[i], weight=float(conflict_weights[j]), ref_logps=(float(ref[j, 0]), float(ref[j, 1])))
     for i, s in enumerate(out):
         if s.kind == SampleKind.RETAIN:
             out[i] = replace(s, weight=0.0)
@@ -138,3 +165,46 @@ def run_reference_stage(
         **encoder.stats.as_dict(),
     }
     return ReferenceOutput(out, scores, gold, stats)
+
+
+def weights_table(output: ReferenceOutput, triaged: Sequence[TriagedPair]) -> pa.Table:
+    """The reference stage's samples as a :data:`WEIGHTS_SCHEMA` table."""
+    by_id = {t.pair.pair_id: t.type.value for t in triaged}
+    rows = [
+        {
+            "pair_id": s.pair_id,
+            "triage": by_id[s.pair_id],
+            "kind": s.kind.name.lower(),
+            "impact_score": output.scores.get(s.pair_id),
+            "weight": s.weight,
+            "ref_logp_a": s.ref_logps[0],
+            "ref_logp_b": s.ref_logps[1],
+        }
+        for s in output.samples
+    ]
+    return pa.Table.from_pylist(rows, schema=WEIGHTS_SCHEMA)
+
+
+def training_samples(
+    triaged: Sequence[TriagedPair],
+    tokenizer,
+    training: ReferenceTrainingConfig,
+    triage: TriageConfig,
+    weights: pa.Table,
+    where: str = "weights table",
+) -> list[Sample]:
+    """The reference stage's samples again, each with its weight and reference log-probs joined
+    from ``weights`` (a :data:`WEIGHTS_SCHEMA` table) by ``pair_id``.
+
+    Raises TraceError naming ``where`` when a sample has no row (the table is from other pairs or
+    other settings).
+    """
+    table = {r["pair_id"]: r for r in weights.to_pylist()}
+    samples = samples_for(triaged, encoder_for(tokenizer, training), training, triage)
+    try:
+        return [
+            replace(s, weight=table[s.pair_id]["weight"], ref_logps=(table[s.pair_id]["ref_logp_a"], table[s.pair_id]["ref_logp_b"]))
+            for s in samples
+        ]
+    except KeyError as exc:
+        raise TraceError(f"{where}: no weight for pair {exc.args[0]}; rerun with --fresh reference") from None

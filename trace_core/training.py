@@ -2,7 +2,8 @@
 
 The Trainer brings what it already does well: optimizer and schedule, gradient accumulation,
 gradient checkpointing, bf16, checkpoints that resume exactly (optimizer, scheduler, RNG, data
-position) and ``accelerate launch`` with DDP or FSDP. This module adds the TRACE objective:
+position) and ``accelerate launch`` with DDP or FSDP. :class:`TraceTrainer` overrides the loss
+only, with the TRACE objective (arXiv 2511.02623, stage 3, the hybrid objective):
 
 ``loss = (sum_{conflict} w_i L_i + alpha_KL * sum_{retain} KL_i) / batch_size``
 
@@ -11,11 +12,11 @@ RETAIN KL needs the reference's full next-token distributions, so those come fro
 forward of the same model with its LoRA adapter disabled (one copy of the weights), or of a
 frozen copy under full fine-tuning.
 
-Weights: the reference stage gives ``w_i`` normalised to sum 1 over all conflict samples
-(method.md). ``weight_normalization="mean"`` (default) multiplies them by the number of conflict
-samples, so they average 1 and the conflict terms keep DPO's per-sample scale next to the KL
-term (the no-weighting ablation, all ``w_i = 1``, is then directly comparable); ``"sum"`` uses
-them as they are, as the authors' code does.
+Weights: the reference stage gives ``w_i = max(0, s_i) / sum_k max(0, s_k)`` over all conflict
+samples (arXiv 2511.02623, stage 2, the alignment impact score). ``weight_normalization="mean"`` (default) multiplies
+them by the number of conflict samples, so they average 1 and the conflict terms keep DPO's
+per-sample scale next to the KL term (the no-weighting ablation, all ``w_i = 1``, is then directly
+comparable); ``"sum"`` uses them as they are, as the authors' code does.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from trace_realign.core.config import TrainerConfig, TrainingConfig
 from trace_realign.core.errors import TraceError
 from trace_realign.core.logprobs import forward_logits, response_logps
 from trace_realign.core.losses import retain_kl
@@ -36,33 +39,8 @@ from trace_realign.core.modeling import is_peft, save_adapter
 from trace_realign.core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
 from trace_realign.core.tokenization import SequenceBatch, pad_sequences
 
-
-@dataclass
-class TrainSettings:
-    """Training settings; defaults are the authors' (method.md) where they gave one."""
-
-    beta: float = 0.3
-    alpha_kl: float = 0.1
-    punish_form: PunishForm = "trace"
-    weight_normalization: Literal["mean", "sum"] = "mean"
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 100
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_batch_size: int = 1
-    gradient_accumulation_steps: int = 4
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    seed: int = 0
-    logging_steps: int = 10
-    save_steps: int = 0
-    save_total_limit: int | None = 2
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    disable_tqdm: bool = False
-    fail_at_step: int | None = None
-    """Test switch: raise after the checkpoint of this global step is saved (simulates a crash)."""
+SAVE_TOTAL_LIMIT = 2
+"""Checkpoints kept while training: the last one to resume from, and the one before it."""
 
 
 class InjectedFailure(RuntimeError):
@@ -106,89 +84,93 @@ class SampleCollator:
         }
 
 
-def _trainer_class():
-    from transformers import Trainer, TrainerCallback
+class FailAtStep(TrainerCallback):
+    """The ``fail_at_step`` test switch: raise once the checkpoint of that global step is saved."""
 
-    class FailAtStep(TrainerCallback):
-        def __init__(self, step: int):
-            self.step = step
+    def __init__(self, step: int):
+        self.step = step
 
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step >= self.step:
-                raise InjectedFailure(f"injected training failure at step {state.global_step} (training.fail_at_step)")
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise InjectedFailure(f"injected training failure at step {state.global_step} (training.fail_at_step)")
 
-    class TraceTrainer(Trainer):
-        """Trainer whose loss is the weighted TRACE objective over mixed batches."""
 
-        def __init__(self, *args, settings: TrainSettings, ref_model=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.settings = settings
-            self.ref_model = ref_model
-            self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let Trainer divide by GA steps
-            self._components: dict[str, list[float]] = defaultdict(list)
-            if ref_model is not None:
-                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-            if settings.fail_at_step is not None:
-                self.add_callback(FailAtStep(settings.fail_at_step))
+class TraceTrainer(Trainer):
+    """A transformers ``Trainer`` whose loss is the weighted TRACE objective over mixed batches.
 
-        @contextlib.contextmanager
-        def _reference(self, model):
-            if self.ref_model is not None:
-                yield self.ref_model
-            else:
-                with self.accelerator.unwrap_model(model).disable_adapter():
-                    yield model
+    ``beta``, ``alpha_kl`` and ``punish_form`` are the loss's parameters (:class:`TrainingConfig`);
+    ``ref_model`` is the frozen reference under full fine-tuning (None: a LoRA model is its own
+    reference with the adapter disabled). The parts of the loss are added to the logged values.
+    """
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            s = self.settings
-            batch = SequenceBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])
-            kinds, weights = inputs["kinds"], inputs["weights"]
-            n = kinds.shape[0]
-            logits = forward_logits(model, batch)
-            policy = gather_pairs(response_logps(logits, batch), inputs["row_sample"], inputs["row_slot"], n)
-            conflict = conflict_losses(kinds, policy, inputs["ref_logps"], s.beta, s.punish_form)
-            total = (weights * conflict).sum()
-            retain_rows = (kinds[inputs["row_sample"]] == SampleKind.RETAIN).nonzero().squeeze(-1)
-            kl = None
-            if retain_rows.numel() and s.alpha_kl > 0:
-                width = int(batch.attention_mask[retain_rows].sum(-1).max())
-                sub = SequenceBatch(
-                    batch.input_ids[retain_rows, :width],
-                    batch.attention_mask[retain_rows, :width],
-                    batch.response_mask[retain_rows, :width],
-                )
-                with torch.no_grad(), self._reference(model) as ref:
-                    ref_logits = forward_logits(ref, sub)
-                kl = retain_kl(ref_logits[:, :-1], logits[retain_rows, : width - 1], sub.response_mask[:, 1:])
-                total = total + s.alpha_kl * kl.sum()
-            self._record(kinds, policy.detach(), inputs["ref_logps"], conflict.detach(), kl)
-            loss = total / n
-            return (loss, {"logits": logits}) if return_outputs else loss
+    def __init__(self, *args, beta: float, alpha_kl: float, punish_form: PunishForm, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta = beta
+        self.alpha_kl = alpha_kl
+        self.punish_form = punish_form
+        self.ref_model = ref_model
+        self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let Trainer divide by GA steps
+        self._components: dict[str, list[float]] = defaultdict(list)
+        if ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
-        def _record(self, kinds, policy, ref, conflict, kl):
-            r = policy - ref
-            for kind, name in ((SampleKind.PREFER, "prefer"), (SampleKind.PUNISH, "punish"), (SampleKind.NEGATE, "negate")):
-                sel = kinds == kind
-                if sel.any():
-                    self._components[f"{name}_loss"].append(conflict[sel].mean().item())
-            sel = kinds == SampleKind.PREFER
+    @contextlib.contextmanager
+    def _reference(self, model):
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                yield model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``(sum_{conflict} w_i L_i + alpha_KL * sum_{retain} KL_i) / S`` over the batch's S samples,
+        whose R sequences (one or two per sample) run in one forward of width T over V tokens."""
+        batch = SequenceBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])  # [R, T] each
+        kinds, weights = inputs["kinds"], inputs["weights"]  # [S], [S]
+        n = kinds.shape[0]
+        logits = forward_logits(model, batch)  # [R, T, V]
+        policy = gather_pairs(response_logps(logits, batch), inputs["row_sample"], inputs["row_slot"], n)  # [S, 2]
+        conflict = conflict_losses(kinds, policy, inputs["ref_logps"], self.beta, self.punish_form)  # [S], 0 for RETAIN
+        total = (weights * conflict).sum()  # []
+        retain_rows = (kinds[inputs["row_sample"]] == SampleKind.RETAIN).nonzero().squeeze(-1)  # [K] rows of RETAIN samples
+        kl = None
+        if retain_rows.numel() and self.alpha_kl > 0:
+            width = int(batch.attention_mask[retain_rows].sum(-1).max())  # W <= T: the longest RETAIN row
+            sub = SequenceBatch(
+                batch.input_ids[retain_rows, :width],  # [K, W]
+                batch.attention_mask[retain_rows, :width],  # [K, W]
+                batch.response_mask[retain_rows, :width],  # [K, W]
+            )
+            with torch.no_grad(), self._reference(model) as ref:
+                ref_logits = forward_logits(ref, sub)  # [K, W, V]
+            kl = retain_kl(ref_logits[:, :-1], logits[retain_rows, : width - 1], sub.response_mask[:, 1:])  # [K]
+            total = total + self.alpha_kl * kl.sum()  # []
+        self._record(kinds, policy.detach(), inputs["ref_logps"], conflict.detach(), kl)
+        loss = total / n  # []
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _record(self, kinds, policy, ref, conflict, kl):
+        r = policy - ref  # [S, 2]: log-ratios r(y) of each sample's sequences
+        for kind, name in ((SampleKind.PREFER, "prefer"), (SampleKind.PUNISH, "punish"), (SampleKind.NEGATE, "negate")):
+            sel = kinds == kind
             if sel.any():
-                self._components["prefer_margin"].append((r[sel, 0] - r[sel, 1]).mean().item())
-            sel = kinds == SampleKind.PUNISH
-            if sel.any():
-                self._components["punish_logratio"].append(r[sel].mean().item())
-            if kl is not None:
-                self._components["retain_kl"].append(kl.mean().item())
+                self._components[f"{name}_loss"].append(conflict[sel].mean().item())
+        sel = kinds == SampleKind.PREFER
+        if sel.any():
+            self._components["prefer_margin"].append((r[sel, 0] - r[sel, 1]).mean().item())
+        sel = kinds == SampleKind.PUNISH
+        if sel.any():
+            self._components["punish_logratio"].append(r[sel].mean().item())
+        if kl is not None:
+            self._components["retain_kl"].append(kl.mean().item())
 
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs:
-                for k, v in self._components.items():
-                    if v:
-                        logs[k] = sum(v) / len(v)
-                self._components.clear()
-            super().log(logs, *args, **kwargs)
-
-    return TraceTrainer
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            for k, v in self._components.items():
+                if v:
+                    logs[k] = sum(v) / len(v)
+            self._components.clear()
+        super().log(logs, *args, **kwargs)
 
 
 @dataclass
@@ -199,44 +181,47 @@ class TrainResult:
 
 
 def weight_scale(samples: Sequence[Sample], normalization: str) -> float:
-    """The factor applied to the method's sum-normalised weights during training."""
+    """The factor applied to the method's sum-normalised weights during training: 1 for ``"sum"``,
+    the number of conflict samples for ``"mean"``."""
     if normalization == "sum":
         return 1.0
-    if normalization == "mean":
-        return float(max(1, sum(1 for s in samples if s.kind != SampleKind.RETAIN)))
-    raise TraceError(f"training.weight_normalization: unknown value '{normalization}' (use mean or sum)")
+    return float(max(1, sum(1 for s in samples if s.kind != SampleKind.RETAIN)))
 
 
-def training_arguments(settings: TrainSettings, output_dir: str | Path):
-    """The transformers ``TrainingArguments`` for ``settings`` (shared by every trainer here)."""
-    from transformers import TrainingArguments
+def training_arguments(
+    trainer: TrainerConfig, output_dir: str | Path, *, seed: int = 0, progress: bool = True
+) -> TrainingArguments:
+    """The transformers ``TrainingArguments`` of ``trainer`` (shared by every trainer here).
 
-    save = settings.save_steps and settings.save_steps > 0
+    ``seed`` seeds the Trainer's RNG and data order; ``progress`` shows its progress bar.
+    Checkpoints are written every ``save_steps`` (0: none), the last :data:`SAVE_TOTAL_LIMIT` kept.
+    """
+    save = trainer.save_steps > 0
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_steps,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
-        logging_steps=max(1, settings.logging_steps),
+        per_device_train_batch_size=trainer.per_device_batch_size,
+        gradient_accumulation_steps=trainer.gradient_accumulation_steps,
+        learning_rate=trainer.learning_rate,
+        lr_scheduler_type=trainer.lr_scheduler,
+        warmup_steps=trainer.warmup_steps,
+        num_train_epochs=trainer.num_train_epochs,
+        max_steps=trainer.max_steps,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=trainer.logging_steps,
         save_strategy="steps" if save else "no",
-        save_steps=settings.save_steps if save else 500,
-        save_total_limit=settings.save_total_limit,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        bf16=settings.bf16,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        save_steps=trainer.save_steps if save else 500,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        seed=seed,
+        data_seed=seed,
+        bf16=trainer.bf16,
+        gradient_checkpointing=trainer.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if trainer.gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
-        disable_tqdm=settings.disable_tqdm,
+        disable_tqdm=not progress,
     )
 
 
@@ -244,31 +229,41 @@ def train(
     model,
     tokenizer,
     samples: Sequence[Sample],
-    settings: TrainSettings,
+    training: TrainingConfig,
     output_dir: str | Path,
     *,
+    seed: int = 0,
+    progress: bool = True,
+    fail_at_step: int | None = None,
     ref_model=None,
     resume_from_checkpoint: str | bool | None = None,
     callbacks: Sequence = (),
 ) -> TrainResult:
-    """Train ``model`` (a LoRA model from the initial adapter, or a full model with ``ref_model``)."""
+    """Train ``model`` on ``samples`` with the TRACE objective of ``training``.
+
+    ``model`` is a LoRA model from the initial adapter, or a full model with ``ref_model`` its
+    frozen reference copy. Samples carry their weights (summing to 1 over conflict samples) and
+    reference log-probs from the reference stage. ``output_dir`` receives the checkpoints;
+    ``fail_at_step`` is the test switch that raises :class:`InjectedFailure` after that step's
+    checkpoint. Raises TraceError for no samples, or RETAIN samples under full fine-tuning without
+    ``ref_model``.
+    """
     if not samples:
         raise TraceError("training: no samples to train on (every pair was UNKNOWN or filtered out)")
     if not is_peft(model) and ref_model is None and any(s.kind == SampleKind.RETAIN for s in samples):
         raise TraceError("training: full fine-tuning needs a frozen reference model for the RETAIN KL")
-    if settings.punish_form not in ("trace", "npo"):
-        raise TraceError(f"training.punish_form: unknown value '{settings.punish_form}' (use trace or npo)")
-    dataset = SampleDataset(samples, weight_scale(samples, settings.weight_normalization))
-    args = training_arguments(settings, output_dir)
-    trainer = _trainer_class()(
+    dataset = SampleDataset(samples, weight_scale(samples, training.weight_normalization))
+    trainer = TraceTrainer(
         model=model,
-        args=args,
+        args=training_arguments(training, output_dir, seed=seed, progress=progress),
         train_dataset=dataset,
         data_collator=SampleCollator(dataset, tokenizer.pad_token_id),
         processing_class=tokenizer,
-        settings=settings,
+        beta=training.beta,
+        alpha_kl=training.alpha_kl,
+        punish_form=training.punish_form,
         ref_model=ref_model,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, *([FailAtStep(fail_at_step)] if fail_at_step is not None else [])],
     )
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return TrainResult(trainer.state.global_step, list(trainer.state.log_history), dict(output.metrics))
