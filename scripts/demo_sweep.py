@@ -150,13 +150,14 @@ def sweep(args):
 
 def judge_report(path):
     """TPA of every generation set in a sweep report by the local embedding judge."""
-    from trace_realign.tasks.evaluate import embedding_judge
+    from trace_realign.core.evaluation import local_judge_from_verdicts
 
     report = json.loads(Path(path).read_text())
     pairs = load_pairs(ROOT / "data/demo/pairs.jsonl").pairs
     policy = load_policy(ROOT / "configs/policies/new.md")
     train_split, _ = triaged_split(pairs, policy)
-    judge, quality = embedding_judge(train_split, policy, seed=0)
+    judge = local_judge_from_verdicts(train_split, policy, seed=0)
+    quality = judge.held_out
     prompts = [r["prompt"] for r in report["prompts"]]
     groups = [r["group"] for r in report["prompts"]]
 

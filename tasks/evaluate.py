@@ -2,10 +2,10 @@
 under the new policy, and report TPA before and after (overall and per triage bin) and a
 utility proxy (perplexity of held-out RETAIN responses, realigned over reference).
 
-The judge is ``evaluation.judge`` when set, else the oracle. The annotations judge cannot read
-generated text, so with it the stage trains the local embedding judge on the training split's
-responses labelled by the oracle's verdicts, and reports that judge's held-out accuracy next to
-every TPA.
+The judge is ``evaluation.judge`` when set, else the oracle; when that judge cannot read generated
+text (the annotations judge), a local embedding judge trained on the training split's responses
+labelled by the oracle's verdicts, its held-out accuracy reported next to every TPA
+(:func:`trace_realign.core.evaluation.judge_for_generations`).
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from trace_realign.core.assets import resolve_model
 from trace_realign.core.data import load_prompts
 from trace_realign.core.errors import DataError
 from trace_realign.core.evaluation import (
-    EmbeddingComplianceJudge,
-    RefusalAwareJudge,
     evaluate_generations,
+    judge_for_generations,
     judge_on_labels,
     labelled_tpa,
     load_generation_labels,
     utility_proxy,
 )
 from trace_realign.core.modeling import load_adapter, load_model, load_tokenizer
-from trace_realign.core.oracle import JudgeItem, VerdictCache, make_judge
+from trace_realign.core.oracle import VerdictCache
 from trace_realign.core.policy import load_policy
+from trace_realign.core.triage import TriageType
 
 EVAL_SCHEMA = pa.schema(
     [
@@ -56,28 +56,6 @@ def _prompt_text(prompt):
     return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
-def embedding_judge(train_triaged, policy, seed: int):
-    """The local judge, fitted on the training split's verdict-labelled responses.
-
-    With ``refusal`` annotations on the responses (both kinds present), the refusal-aware judge;
-    otherwise one classifier over prompt-response embeddings.
-    """
-    items, labels = [], []
-    for t in train_triaged:
-        pairs = ((t.pair.chosen, t.chosen_compliant, t.pair.chosen_annotations), (t.pair.rejected, t.rejected_compliant, t.pair.rejected_annotations))
-        for response, label, ann in pairs:
-            if label is not None:
-                refusal = (ann or {}).get("refusal")
-                items.append(JudgeItem(t.pair.prompt, response, {"refusal": refusal} if isinstance(refusal, bool) else None))
-                labels.append(label)
-    if len(set(labels)) < 2:
-        raise DataError("evaluation: the training split's verdicts have one class only; the embedding judge cannot learn")
-    flags = {(it.annotations or {}).get("refusal") for it in items}
-    judge = RefusalAwareJudge() if {True, False} <= flags else EmbeddingComplianceJudge()
-    report = judge.fit_with_holdout(items, labels, policy, seed=seed)
-    return judge, report
-
-
 @task(name="evaluate", cache_key_fn=stage_cache_key, persist_result=True)
 def evaluate_stage(
     shards: dict,
@@ -96,7 +74,7 @@ def evaluate_stage(
     ctx = context_of(run)
     policy = load_policy(policy_path)
     holdout = read_triaged(shards, kinds=("holdout",))
-    retain = [t.pair for t in holdout if t.type.value == "retain"]
+    retain = [t.pair for t in holdout if t.type is TriageType.RETAIN]
     if evaluation.get("prompts_path"):
         prompts, groups = load_prompts(evaluation["prompts_path"])
     else:
@@ -117,12 +95,11 @@ def evaluate_stage(
         reference_model = load_model(path, model["dtype"], device)
 
     with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "evaluate") as (c, run_id):
-        judge_report = None
-        judge_cfg = evaluation.get("judge") or oracle
-        if judge_cfg["backend"] == "annotations":
-            judge, judge_report = embedding_judge(read_triaged(shards), policy, seed)
-        else:
-            judge = make_judge(judge_cfg, where="evaluation.judge" if evaluation.get("judge") else "oracle")
+        judge = judge_for_generations(
+            evaluation.get("judge") or oracle, policy, lambda: read_triaged(shards),
+            seed=seed, where="evaluation.judge" if evaluation.get("judge") else "oracle",
+        )
+        judge_report = judge.held_out
         with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
             gen_bar = Bar("generating", 2 * len(prompts), ctx.progress)
             judge_bar = Bar("judging generations", 2 * len(prompts), ctx.progress)

@@ -10,6 +10,11 @@ Public API:
 * :func:`judge_agreement` -- accuracy, Cohen's kappa and confusion matrix against reference labels;
   :func:`check_unknown_share` -- the stop for a run whose judge left too many verdicts unknown
   (``quality``).
+* ``local_judges`` (imported from its module, like the backends) --
+  :class:`~trace_realign.core.oracle.local_judges.EmbeddingComplianceJudge`,
+  :class:`~trace_realign.core.oracle.local_judges.RefusalAwareJudge` and
+  :func:`~trace_realign.core.oracle.local_judges.fit_local_judge`: judges of generated text trained
+  on another judge's verdicts, with their held-out accuracy.
 """
 
 from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict, judge_items

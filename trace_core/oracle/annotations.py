@@ -273,6 +273,8 @@ class AnnotationsJudge(Judge):
     # The verdict depends on the annotations, which are not part of the cache key, and computing it
     # is cheaper than a cache lookup.
     cacheable = False
+    # A model's generations carry no annotations.
+    reads_generated_text = False
 
     @property
     def identity(self) -> str:
