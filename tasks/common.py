@@ -113,10 +113,17 @@ class StageRun:
         self.client = client
         self.run_id = run_id
 
-    def result(self, artifacts: dict[str, Any], metrics: dict[str, Any], params: dict[str, Any], info: dict[str, Any] | None = None) -> StageResult:
-        """Log ``params`` and ``metrics`` to the stage's run and return the stage's result (with the
-        seconds spent talking to MLflow in ``info["mlflow_seconds"]``)."""
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log ``params`` now (before work that may fail, so a failed run still shows its settings)."""
         tracking.log_params(self.client, self.run_id, params)
+
+    def result(
+        self, artifacts: dict[str, Any], metrics: dict[str, Any], params: dict[str, Any] | None = None, info: dict[str, Any] | None = None
+    ) -> StageResult:
+        """Log ``params`` (if not logged already) and ``metrics`` to the stage's run and return the
+        stage's result, with the seconds spent talking to MLflow in ``info["mlflow_seconds"]``."""
+        if params is not None:
+            self.log_params(params)
         tracking.log_metrics(self.client, self.run_id, metrics)
         return StageResult(self.stage, artifacts, metrics, self.run_id, {**(info or {}), "mlflow_seconds": self.client.seconds})
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import task
 
-from trace_realign.tasks import plots, tracking
-from trace_realign.tasks.artifacts import describe, read_parquet, write_json, write_parquet
-from trace_realign.tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
-from trace_realign.tasks.reference import read_triaged
+from trace_realign.tasks import plots
+from trace_realign.tasks.artifacts import describe, read_triaged, write_json, write_parquet
+from trace_realign.tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.data import load_prompts
 from trace_realign.core.errors import DataError
@@ -94,7 +93,7 @@ def evaluate_stage(
         realigned = load_model(trained["model"]["path"], model["dtype"], device)
         reference_model = load_model(path, model["dtype"], device)
 
-    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "evaluate") as (c, run_id):
+    with stage_run(ctx, "evaluate") as stage:
         judge = judge_for_generations(
             evaluation.get("judge") or oracle, policy, lambda: read_triaged(shards),
             seed=seed, where="evaluation.judge" if evaluation.get("judge") else "oracle",
@@ -145,20 +144,14 @@ def evaluate_stage(
         measured = {k: v for k, v in metrics.items() if "seconds" not in k}
         report = {"metrics": measured, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report, "labelled": labelled}
         metrics_path = write_json(report, folder, "metrics")
-        tracking.log_params(c, run_id, {"evaluation": {k: v for k, v in evaluation.items() if k != "judge"}, "eval_judge": result.judge})
-        tracking.log_metrics(c, run_id, metrics)
-        c.log_artifact(run_id, str(table_path), "evaluation")
-        c.log_artifact(run_id, str(metrics_path), "evaluation")
+        stage.client.log_artifact(stage.run_id, str(table_path), "evaluation")
+        stage.client.log_artifact(stage.run_id, str(metrics_path), "evaluation")
         with tempfile.TemporaryDirectory() as tmp:
             tpa = {k: v for k, v in (("before", metrics.get("tpa_before")), ("after", metrics.get("tpa_after"))) if v is not None}
             if tpa:
-                c.log_artifact(run_id, str(plots.bar_chart(tpa, "target policy agreement (%)", "TPA", Path(tmp) / "tpa.png")), "plots")
-        stage_result = StageResult(
-            "evaluate",
-            {"generations": describe(table_path, len(rows)), "metrics": describe(metrics_path)},
-            metrics,
-            run_id,
-            {"judge": result.judge},
+                png = plots.bar_chart(tpa, "target policy agreement (%)", "TPA", Path(tmp) / "tpa.png")
+                stage.client.log_artifact(stage.run_id, str(png), "plots")
+        params = {"evaluation": {k: v for k, v in evaluation.items() if k != "judge"}, "eval_judge": result.judge}
+        return stage.result(
+            {"generations": describe(table_path, len(rows)), "metrics": describe(metrics_path)}, metrics, params, {"judge": result.judge}
         )
-        stage_result.info["mlflow_seconds"] = c.seconds
-        return stage_result

@@ -9,9 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import task
 
-from trace_realign.tasks import tracking
 from trace_realign.tasks.artifacts import describe, folder_sha256, publish_folder, read_triaged, write_parquet
-from trace_realign.tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key
+from trace_realign.tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, ReferenceTrainingConfig, TriageConfig, WeightsConfig
 from trace_realign.core.data import canonical_json, load_pairs
@@ -56,7 +55,7 @@ def reference_stage(
     tokenizer = load_tokenizer(path)
     policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device_for(model_cfg.device), seed=seed)
     triaged = read_triaged(shards)
-    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "reference") as (c, run_id):
+    with stage_run(ctx, "reference") as stage:
         bars: dict[str, Bar] = {}
 
         def progress(stage, done, total):
@@ -102,12 +101,7 @@ def reference_stage(
         metrics = {**{k: v for k, v in out.stats.items() if isinstance(v, (int, float))}}
         if scores:
             metrics.update({"score_min": min(scores), "score_max": max(scores), "score_mean": sum(scores) / len(scores)})
-        tracking.log_params(
-            c, run_id, {"weights": weights, "beta": training_cfg.beta, "punish_form": training_cfg.punish_form, "policy_sha256": policy_sha256}
-        )
-        tracking.log_metrics(c, run_id, metrics)
-        c.log_artifact(run_id, str(weights_path), "reference")
-        c.log_artifact(run_id, str(gold_path), "reference")
-        stage_result = StageResult("reference", artifacts, metrics, run_id)
-        stage_result.info["mlflow_seconds"] = c.seconds
-        return stage_result
+        stage.client.log_artifact(stage.run_id, str(weights_path), "reference")
+        stage.client.log_artifact(stage.run_id, str(gold_path), "reference")
+        params = {"weights": weights, "beta": training_cfg.beta, "punish_form": training_cfg.punish_form, "policy_sha256": policy_sha256}
+        return stage.result(artifacts, metrics, params)

@@ -11,7 +11,7 @@ from prefect import task
 
 from trace_realign.tasks import plots, tracking
 from trace_realign.tasks.artifacts import describe, read_parquet, read_triaged
-from trace_realign.tasks.common import StageResult, context_of, device_for, stage_cache_key
+from trace_realign.tasks.common import StageResult, context_of, device_for, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, TrainingConfig, TriageConfig
 from trace_realign.core.modeling import load_model, load_tokenizer, trainable_model
@@ -52,28 +52,25 @@ def train_stage(
     key = hashlib.sha256(json.dumps([reference["weights"]["sha256"], training, triage, model_sha256, seed], sort_keys=True).encode()).hexdigest()[:16]
     out_dir = ctx.folder("artifacts", "train", key)
     resume = any(out_dir.glob("checkpoint-*"))
-    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, "train") as (c, run_id):
-        tracking.log_params(c, run_id, {"training": training, "samples": len(samples), "resumed": resume})
+    with stage_run(ctx, "train") as stage:
+        stage.log_params({"training": training, "samples": len(samples), "resumed": resume})
         result = train(
             policy_model, tokenizer, samples, training_cfg, out_dir, seed=seed, progress=ctx.progress,
             fail_at_step=ctx.fail_training_at_step, ref_model=ref_model, resume_from_checkpoint=True if resume else None,
         )
         final = out_dir / "final"
         paths = save_output(policy_model, tokenizer, final, merge=training_cfg.merge)
-        tracking.log_history(c, run_id, result.log_history)
+        tracking.log_history(stage.client, stage.run_id, result.log_history)
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         metrics["global_step"] = result.global_step
-        tracking.log_metrics(c, run_id, metrics)
         with tempfile.TemporaryDirectory() as tmp:
             keys = sorted({k for h in result.log_history for k in h if k.endswith(("loss", "margin", "logratio", "kl"))} - {"train_loss"})
             png = plots.curves(result.log_history, keys, "training", Path(tmp) / "training_curves.png")
-            c.log_artifact(run_id, str(png), "plots")
+            stage.client.log_artifact(stage.run_id, str(png), "plots")
         main = "adapter" if "adapter" in paths else "model"
-        c.log_artifacts(run_id, paths[main], "model")
+        stage.client.log_artifacts(stage.run_id, paths[main], "model")
         version = None
         if registered_model_name:
-            version = tracking.register_model(c, registered_model_name, run_id, "model", {"policy_sha256": policy_sha256})
+            version = tracking.register_model(stage.client, registered_model_name, stage.run_id, "model", {"policy_sha256": policy_sha256})
         artifacts = {name: describe(p) for name, p in paths.items()}
-        stage_result = StageResult("train", artifacts, metrics, run_id, {"registered_version": version, "output_dir": str(final)})
-        stage_result.info["mlflow_seconds"] = c.seconds
-        return stage_result
+        return stage.result(artifacts, metrics, info={"registered_version": version, "output_dir": str(final)})

@@ -17,8 +17,9 @@ from tests.test_pipeline import ROOT, cli
 def adapter_files(out: Path, seed: str, tiny_model_dir: Path) -> dict[str, bytes]:
     code = textwrap.dedent(
         f"""
-        from trace_realign.core.modeling import LoraSettings, add_lora, load_model, save_adapter
-        model = add_lora(load_model({str(tiny_model_dir)!r}), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        from trace_realign.core.config import LoraConfig
+        from trace_realign.core.modeling import add_lora, load_model, save_adapter
+        model = add_lora(load_model({str(tiny_model_dir)!r}), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         save_adapter(model, {str(out)!r})
         """
     )

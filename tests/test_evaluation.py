@@ -19,7 +19,8 @@ from trace_realign.core.evaluation import (
     tpa_by_group,
     utility_proxy,
 )
-from trace_realign.core.modeling import LoraSettings, add_lora, load_model
+from trace_realign.core.config import LoraConfig
+from trace_realign.core.modeling import add_lora, load_model
 from trace_realign.core.oracle.base import Judge, JudgeItem, OnResult, Verdict, prompt_sha256
 from trace_realign.core.oracle.cache import VerdictCache
 from trace_realign.core.policy import parse_policy
@@ -44,7 +45,7 @@ def model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def lora_model(tiny_model_dir):
-    return add_lora(load_model(tiny_model_dir), LoraSettings(r=4, alpha=8, dropout=0.1), seed=0)
+    return add_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.1), seed=0)
 
 
 def _perturb_lora_b(model, scale: float = 0.5) -> None:
@@ -161,7 +162,7 @@ def test_perplexity_matches_a_token_by_token_computation(model, tiny_tokenizer):
 
 
 def test_utility_proxy_compares_adapter_on_and_off(tiny_model_dir, tiny_tokenizer):
-    lora = add_lora(load_model(tiny_model_dir), LoraSettings(r=4, alpha=8, dropout=0.0), seed=0)
+    lora = add_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
     prompts, responses = PROMPTS[:3], ["Paris.", "A thought experiment.", "Hi, how can I help?"]
     same = utility_proxy(lora, tiny_tokenizer, prompts, responses)
     assert same["perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -201,7 +202,7 @@ class LengthJudge(Judge):
 
 
 def test_evaluate_generations_rows_and_metrics(tiny_model_dir, tiny_tokenizer, tmp_path):
-    lora = add_lora(load_model(tiny_model_dir), LoraSettings(r=4, alpha=8, dropout=0.0), seed=0)
+    lora = add_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
     _perturb_lora_b(lora)
     groups = ["invert", "punish", "retain", "invert", "retain", "punish", "retain"]
     judge = LengthJudge()

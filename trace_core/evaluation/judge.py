@@ -27,9 +27,9 @@ def local_judge_from_verdicts(triaged: Sequence[TriagedPair], policy: Policy, *,
             (t.pair.chosen, t.chosen_compliant, t.pair.chosen_annotations),
             (t.pair.rejected, t.rejected_compliant, t.pair.rejected_annotations),
         )
-        for response, label, annotations in sides:
+        for response, label, notes in sides:
             if label is not None:
-                refusal = (annotations or {}).get("refusal")
+                refusal = (notes or {}).get("refusal")
                 items.append(JudgeItem(t.pair.prompt, response, {"refusal": refusal} if isinstance(refusal, bool) else None))
                 labels.append(label)
     if len(set(labels)) < 2:
