@@ -71,7 +71,7 @@ def _print_summary(manifest: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from trace_realign.core.config import load_config
+    from trace_realign.flows.config import load_config
 
     cfg = load_config(args.config, args.set)
     from trace_realign.flows.preflight import preflight

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trace_realign.core.config import PipelineConfig
+from trace_realign.flows.config import PipelineConfig
 from trace_realign.core.errors import ConfigError, DataError
 from trace_realign.core.policy import load_policy
 

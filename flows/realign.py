@@ -29,7 +29,8 @@ from trace_realign.tasks.partition import triage_and_partition
 from trace_realign.tasks.reference import reference_stage
 from trace_realign.tasks.train import train_stage
 from trace_realign.core.assets import read_marker, resolve_model
-from trace_realign.core.config import PipelineConfig, input_files
+from trace_realign.core.config import input_files
+from trace_realign.flows.config import PipelineConfig
 from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import TraceError
 from trace_realign.core.oracle import check_unknown_share, verdict_triples

@@ -547,7 +547,7 @@ def serve_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # watch stops this process with SIGTERM
     _exit_with_parent(int(spec["parent"]))
-    from trace_realign.core.config import validate_config
+    from trace_realign.flows.config import validate_config
 
     cfg = validate_config(spec["config"], spec["config_path"])
     deployments = build_deployments(cfg, spec["config_path"], spec["interval"], spec["cron"], spec["until"])
@@ -665,7 +665,7 @@ def cmd_watch(args) -> int:
     """
     from trace_realign.flows.preflight import preflight
     from trace_realign.flows.stages import STAGES
-    from trace_realign.core.config import load_config
+    from trace_realign.flows.config import load_config
 
     cfg = load_config(args.config, args.set)
     if not args.interval > 0:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_realign.core.config import load_config
+from trace_realign.flows.config import load_config
 from trace_realign.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

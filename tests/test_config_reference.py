@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from trace_realign.core.config import PipelineConfig
+from trace_realign.flows.config import PipelineConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 ROW = re.compile(r"^\| `(?P<name>[a-z0-9_.]+)` \| (?P<default>.*?) \| (?P<meaning>.*) \|$")

@@ -114,7 +114,7 @@ NOT_INPUT_FILES = {
 
 
 def test_every_setting_that_names_a_file_is_keyed_on_content():
-    from trace_realign.core.config import PipelineConfig
+    from trace_realign.flows.config import PipelineConfig
 
     looks_like_a_path = ("path", "dir", "file", "folder")
     for dotted, field, owner in _string_fields(PipelineConfig):

@@ -1,37 +1,28 @@
-"""The pipeline's configuration: one YAML file, validated by pydantic.
+"""The settings of the TRACE method, one validated pydantic model per section.
 
 Every section forbids unknown keys, so a misspelt setting is rejected with its full name
-(``training.lerning_rate``) instead of silently taking a default. ``--set key=value``
-overrides take YAML values (``--set training.max_steps=5``, ``--set training.lora.target_modules=[q_proj]``).
-A relative input path in a config file (data, policy, model folder, gold pairs, prompts, labels,
-judge models) names a file beside the config file when one is there, else in the working folder the
-run starts in; a path given with ``--set`` is relative to the working folder. ``--config demo`` (or
-``smoke``) names a config that ships with the package.
+(``training.lerning_rate``) instead of silently taking a default. Settings that name local files
+carry :data:`LOCAL_PATH` or :data:`~trace_realign.core.oracle.config.INPUT_FILE` in their field's
+``json_schema_extra`` (:func:`marked_settings` finds them). The pipeline's file, with its run and
+MLflow sections, is read by :mod:`trace_realign.flows.config`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Iterator, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trace_realign.core.errors import ConfigError, describe_validation_errors
-from trace_realign.core.oracle.config import BACKENDS, INPUT_FILE, JudgeConfig
-from trace_realign.core.resources import shipped_config
+from trace_realign.core.oracle.config import INPUT_FILE, JudgeConfig
 
 
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A settings section: unknown keys are rejected by name."""
+
     model_config = ConfigDict(extra="forbid")
-
-
-class RunConfig(_Section):
-    name: str = "trace-realign"
-    workdir: str = Field(".trace", description="artifacts, caches, Prefect results and the MLflow store")
-    seed: int = 0
 
 
 LOCAL_PATH = {"local_path": True}
@@ -39,7 +30,7 @@ LOCAL_PATH = {"local_path": True}
 :data:`INPUT_FILE` settings are local paths too."""
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The aligned model ``M_ref`` that is realigned."""
 
     path: str = Field(
@@ -50,7 +41,7 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """The old preference pairs ``D = {(x, y_w, y_l)}``."""
 
     path: str = Field(description="a data file or folder, or a Hugging Face hub data set name", json_schema_extra=LOCAL_PATH)
@@ -64,7 +55,7 @@ class DataConfig(_Section):
     shard_size: int = Field(256, ge=1, description="pairs per judging shard: a crash loses at most one shard's requests in flight")
 
 
-class PolicyConfig(_Section):
+class PolicyConfig(Section):
     """The new policy ``pi_new``."""
 
     path: str = Field(
@@ -73,14 +64,14 @@ class PolicyConfig(_Section):
     )
 
 
-class TriageConfig(_Section):
+class TriageConfig(Section):
     """Triage (arXiv 2511.02623, stage 1: every pair is INVERT, PUNISH or RETAIN under the new policy)."""
 
     corrections: bool = Field(False, description="PUNISH pairs train an oracle-written correction over y_w")
     use_triage: bool = Field(True, description="false: the no-triage ablation (NPO on every old loser)")
 
 
-class WeightsConfig(_Section):
+class WeightsConfig(Section):
     """Impact weighting (arXiv 2511.02623, stage 2: the alignment impact score against a gold batch)."""
 
     enabled: bool = Field(True, description="false: the no-impact-weighting ablation (all w_i = 1)")
@@ -91,7 +82,7 @@ class WeightsConfig(_Section):
     batch_size: int = Field(8, ge=1, description="pairs per scoring batch")
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     """A LoRA adapter (PEFT). Defaults: the authors' settings (arXiv 2511.02623, experimental setup)."""
 
     r: int = Field(32, ge=1, description="adapter rank")
@@ -102,7 +93,7 @@ class LoraConfig(_Section):
     )
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     """Optimisation settings, mapped one to one onto transformers' ``TrainingArguments``
     (:func:`trace_realign.core.training.training_arguments`)."""
 
@@ -119,7 +110,7 @@ class TrainerConfig(_Section):
     save_steps: int = Field(0, ge=0, description="optimizer steps between resumable checkpoints; 0: none")
 
 
-class ReferenceTrainingConfig(_Section):
+class ReferenceTrainingConfig(Section):
     """The training settings the reference stage reads: how samples are encoded, which model is
     trainable, and the loss parameters the impact scores and reference log-probs depend on.
     Every other training setting leaves the reference stage's result (and cache key) unchanged."""
@@ -192,7 +183,7 @@ class DpoConfig(AlignmentConfig):
     reference_batch_size: int = Field(8, ge=1, description="pairs per batch of the reference log-prob pass")
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     """Target policy agreement (TPA) before and after realignment, on held-out prompts."""
 
     enabled: bool = Field(True, description="false: no evaluate stage (and no held-out pairs)")
@@ -212,133 +203,20 @@ class EvaluationConfig(_Section):
     )
 
 
-class MLflowConfig(_Section):
-    tracking_uri: str | None = Field(None, description="default: sqlite:///<workdir>/mlflow.db")
-    experiment: str = "trace-realign"
-    register_model: bool = True
-    registered_model_name: str | None = None
-
-
-class PipelineConfig(_Section):
-    run: RunConfig = Field(default_factory=RunConfig)
-    model: ModelConfig
-    data: DataConfig
-    policy: PolicyConfig
-    oracle: JudgeConfig
-    triage: TriageConfig = Field(default_factory=TriageConfig)
-    weights: WeightsConfig = Field(default_factory=WeightsConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
-
-    @field_validator("oracle", mode="before")
-    @classmethod
-    def _backend_first(cls, value: Any) -> Any:
-        if isinstance(value, dict) and value.get("backend") not in BACKENDS:
-            raise ValueError(f"oracle.backend must be one of {', '.join(BACKENDS)}")
-        return value
-
-    def section(self, name: str) -> dict[str, Any]:
-        """A section as plain data (for cache keys and MLflow params)."""
-        value = getattr(self, name)
-        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-
-
-def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{where}: cannot set '{dotted}': '{k}' is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
-    out = []
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
-    return out
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a config file; problems raise one-line ConfigError naming the setting.
-
-    ``path`` is a YAML file, or the name of a config shipped with the package (``demo``, ``smoke``).
-    Relative input paths written in the file are looked up beside it first (see the module docstring).
-    """
-    p = Path(path)
-    if not p.is_file():
-        shipped = shipped_config(str(path))
-        if shipped is None:
-            raise ConfigError(f"{path}: config file not found (configs shipped with the package: demo, smoke)")
-        p = shipped
-    try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{at}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections")
-    parsed = parse_overrides(overrides)
-    for key, value in parsed:
-        _set(tree, key, value, str(path))
-    cfg = validate_config(tree, str(path))
-    beside = paths_beside(cfg, p.resolve().parent, overridden=[key for key, _ in parsed])
-    if not beside:
-        return cfg
-    for key, value in beside.items():
-        _set(tree, key, value, str(path))
-    return validate_config(tree, str(path))
-
-
-def _marked(cfg: BaseModel, marks: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, str]]:
+def marked_settings(cfg: BaseModel, marks: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, str]]:
     """``(dotted setting, value)`` for every set string setting whose field carries one of ``marks``
     in its ``json_schema_extra``, nested sections and judge configs included."""
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
         dotted = f"{prefix}{name}"
         if isinstance(value, BaseModel):
-            yield from _marked(value, marks, dotted + ".")
+            yield from marked_settings(value, marks, dotted + ".")
         elif isinstance(value, str) and isinstance(field.json_schema_extra, dict) and any(field.json_schema_extra.get(m) for m in marks):
             yield dotted, value
-
-
-def paths_beside(cfg: PipelineConfig, folder: Path, overridden: Sequence[str] = ()) -> dict[str, str]:
-    """``{setting: absolute path}`` for every relative local-path setting that names an existing file
-    or folder under ``folder`` (the config file's). Settings under an ``overridden`` key (given with
-    ``--set``) and values with no such file (a known model name, a hub dataset, a path meant for the
-    working folder) are left out."""
-    out = {}
-    for dotted, value in _marked(cfg, ("input_file", "local_path")):
-        if any(dotted == k or dotted.startswith(k + ".") for k in overridden) or Path(value).is_absolute():
-            continue
-        candidate = folder / value
-        if candidate.exists():
-            out[dotted] = str(candidate.resolve())
-    return out
-
-
-def validate_config(tree: dict, where: str = "config") -> PipelineConfig:
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: " + describe_validation_errors(exc.errors(), "", drop=BACKENDS)) from None
 
 
 def input_files(cfg: BaseModel) -> dict[str, str]:
     """Every setting marked :data:`INPUT_FILE` that is set and names an existing local file or
     folder, as ``{"weights.gold_path": path, "oracle.model_path": path, ...}`` (nested sections and
     the judge configs included; a hub model name that is not a local path is left out)."""
-    return {dotted: value for dotted, value in _marked(cfg, ("input_file",)) if Path(value).exists()}
+    return {dotted: value for dotted, value in marked_settings(cfg, ("input_file",)) if Path(value).exists()}

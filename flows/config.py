@@ -1,0 +1,160 @@
+"""The pipeline's configuration file: one YAML file of sections, validated once.
+
+``--set key=value`` overrides take YAML values (``--set training.max_steps=5``,
+``--set training.lora.target_modules=[q_proj]``). A relative input path in a config file (data,
+policy, model folder, gold pairs, prompts, labels, judge models) names a file beside the config
+file when one is there, else in the working folder the run starts in; a path given with ``--set``
+is relative to the working folder. ``--config demo`` (or ``smoke``) names a config that ships
+with the package. The method's sections are :mod:`trace_realign.core.config`'s; the run and MLflow
+sections are the orchestration's, here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from trace_realign.core.config import (
+    DataConfig,
+    EvaluationConfig,
+    ModelConfig,
+    PolicyConfig,
+    Section,
+    TrainingConfig,
+    TriageConfig,
+    WeightsConfig,
+    marked_settings,
+)
+from trace_realign.core.errors import ConfigError, describe_validation_errors
+from trace_realign.core.oracle.config import BACKENDS, JudgeConfig
+from trace_realign.core.resources import shipped_config
+
+
+class RunConfig(Section):
+    """The run: its name (the MLflow run name and registered model's base), working folder and seed."""
+
+    name: str = "trace-realign"
+    workdir: str = Field(".trace", description="artifacts, caches, Prefect results and the MLflow store")
+    seed: int = 0
+
+
+class MLflowConfig(Section):
+    """Where runs are tracked and whether the realigned model is registered."""
+
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<workdir>/mlflow.db")
+    experiment: str = "trace-realign"
+    register_model: bool = True
+    registered_model_name: str | None = None
+
+
+class PipelineConfig(Section):
+    """A whole config file: the method's sections (:mod:`trace_realign.core.config`) with the run's."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig
+    data: DataConfig
+    policy: PolicyConfig
+    oracle: JudgeConfig
+    triage: TriageConfig = Field(default_factory=TriageConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+    @field_validator("oracle", mode="before")
+    @classmethod
+    def _backend_first(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("backend") not in BACKENDS:
+            raise ValueError(f"oracle.backend must be one of {', '.join(BACKENDS)}")
+        return value
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain data (for cache keys and MLflow params)."""
+        value = getattr(self, name)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: cannot set '{dotted}': '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a config file; problems raise one-line ConfigError naming the setting.
+
+    ``path`` is a YAML file, or the name of a config shipped with the package (``demo``, ``smoke``).
+    Relative input paths written in the file are looked up beside it first (see the module docstring).
+    """
+    p = Path(path)
+    if not p.is_file():
+        shipped = shipped_config(str(path))
+        if shipped is None:
+            raise ConfigError(f"{path}: config file not found (configs shipped with the package: demo, smoke)")
+        p = shipped
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{at}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections")
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
+        _set(tree, key, value, str(path))
+    cfg = validate_config(tree, str(path))
+    beside = paths_beside(cfg, p.resolve().parent, overridden=[key for key, _ in parsed])
+    if not beside:
+        return cfg
+    for key, value in beside.items():
+        _set(tree, key, value, str(path))
+    return validate_config(tree, str(path))
+
+
+def paths_beside(cfg: PipelineConfig, folder: Path, overridden: Sequence[str] = ()) -> dict[str, str]:
+    """``{setting: absolute path}`` for every relative local-path setting that names an existing file
+    or folder under ``folder`` (the config file's). Settings under an ``overridden`` key (given with
+    ``--set``) and values with no such file (a known model name, a hub dataset, a path meant for the
+    working folder) are left out."""
+    out = {}
+    for dotted, value in marked_settings(cfg, ("input_file", "local_path")):
+        if any(dotted == k or dotted.startswith(k + ".") for k in overridden) or Path(value).is_absolute():
+            continue
+        candidate = folder / value
+        if candidate.exists():
+            out[dotted] = str(candidate.resolve())
+    return out
+
+
+def validate_config(tree: dict, where: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + describe_validation_errors(exc.errors(), "", drop=BACKENDS)) from None
+
+
