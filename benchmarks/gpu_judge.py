@@ -1,7 +1,7 @@
-"""The vllm judge on a GPU: pairs per second, and agreement with the openai path on the same model.
+"""Benchmark: the vllm judge on a GPU: pairs per second, and agreement with the openai path on the same model.
 
-Needs a GPU machine with vllm installed (``pip install 'trace-realign[vllm]'``) and a local model
-folder or a model already in the Hugging Face cache. It
+Measures, on a GPU machine with vllm installed (``pip install 'trace-realign[vllm]'``) and a local
+model folder or a model already in the Hugging Face cache (it does not run without a GPU); it
 
 1. starts ``vllm serve MODEL`` on 127.0.0.1 (or uses ``--serve-url`` if one is already running),
 2. judges the pairs offline with the vllm backend (``vllm.LLM``, one batched call per shard) and
@@ -13,10 +13,14 @@ folder or a model already in the Hugging Face cache. It
 
 Both engines share the GPU, so each gets ``--gpu-memory-utilization`` (default 0.4) of it.
 
-    python benchmarks/gpu_judge.py --model /models/Qwen2.5-1.5B-Instruct [--pairs 2000] [--data pairs.jsonl]
+    .venv/bin/python benchmarks/gpu_judge.py --model /models/Qwen2.5-1.5B-Instruct [--pairs 2000] [--data pairs.jsonl]
 
 ``--data`` is a JSON-lines file with "prompt" and "response" fields; without it, pairs are built
 from a fixed set of prompts and responses (some compliant, some not) so the script runs offline.
+
+Target: the offline engine's rate (``gpu_judge_pairs_per_s``) is the judge stage's throughput on
+that GPU, and the two paths agree (``gpu_judge_agreement``, the accuracy of the served verdicts
+against the offline ones, near 1): the last two lines.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import Stopwatch, offline_environment, print_metric
+
+offline_environment()  # the model must be available offline; before vllm imports transformers
 
 from trace_realign.core.errors import TraceError  # noqa: E402
 from trace_realign.core.oracle import JudgeItem, make_judge  # noqa: E402
@@ -136,9 +140,9 @@ def main() -> None:
             }
         )
         offline.judge(items[:8], policy)  # warm-up: compile, allocate, fill the policy prefix
-        started = time.perf_counter()
-        v_offline = offline.judge(items, policy)
-        offline_s = time.perf_counter() - started
+        with Stopwatch() as offline_run:
+            v_offline = offline.judge(items, policy)
+        offline_s = offline_run.seconds
         print(f"vllm offline: {len(items) / offline_s:.1f} pairs/s ({offline_s:.1f}s), identity {offline.identity}")
 
         wait_ready(url, server, args.serve_timeout)
@@ -155,9 +159,9 @@ def main() -> None:
             }
         )
         served.judge(items[:8], policy)
-        started = time.perf_counter()
-        v_served = served.judge(items, policy)
-        served_s = time.perf_counter() - started
+        with Stopwatch() as served_run:
+            v_served = served.judge(items, policy)
+        served_s = served_run.seconds
         print(f"openai -> vllm serve: {len(items) / served_s:.1f} pairs/s ({served_s:.1f}s), identity {served.identity}")
 
         both = [(a, b) for a, b in zip(v_offline, v_served) if a.compliant is not None]
@@ -167,8 +171,8 @@ def main() -> None:
         print(f"agreement (served vs offline): {json.dumps(agreement)}")
         if confs:
             print(f"mean |confidence difference| over {len(confs)} pairs: {sum(confs) / len(confs):.4f}")
-        print(f"gpu_judge_pairs_per_s={len(items) / offline_s:.1f}")
-        print(f"gpu_judge_agreement={agreement['accuracy']}")
+        print_metric("gpu_judge_pairs_per_s", len(items) / offline_s, ".1f")
+        print_metric("gpu_judge_agreement", agreement["accuracy"], "")
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
