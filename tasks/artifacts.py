@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trace_realign.core.data import PAIR_COLUMNS, pairs_to_table, table_to_pairs
+from trace_realign.core.data import PAIR_COLUMNS, file_sha256, pairs_to_table, table_to_pairs
 from trace_realign.core.triage import TriagedPair, TriageType
 
 TRIAGE_COLUMNS = [
@@ -28,14 +28,6 @@ TRIAGE_COLUMNS = [
     ("correction", pa.string()),
 ]
 """The columns a triage shard adds to the pair columns (``triage/<type>-<k>-<sha8>.parquet``)."""
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_sha256(path: str | Path, pattern: str = "*", file_hash=file_sha256) -> str:

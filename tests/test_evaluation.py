@@ -21,7 +21,8 @@ from trace_realign.core.evaluation import (
 )
 from trace_realign.core.config import LoraConfig
 from trace_realign.core.modeling import add_lora, load_model
-from trace_realign.core.oracle.base import Judge, JudgeItem, OnResult, Verdict, prompt_sha256
+from trace_realign.core.data import text_sha256
+from trace_realign.core.oracle.base import Judge, JudgeItem, OnResult, Verdict
 from trace_realign.core.oracle.cache import VerdictCache
 from trace_realign.core.policy import parse_policy
 from trace_realign.core.tokenization import Encoder
@@ -210,7 +211,7 @@ def test_evaluate_generations_rows_and_metrics(tiny_model_dir, tiny_tokenizer, t
         result = evaluate_generations(
             lora, tiny_tokenizer, PROMPTS, judge, POLICY, groups=groups, cache=cache, judge_accuracy=0.9, max_new_tokens=12
         )
-        assert judge.asked == len({(prompt_sha256(r["prompt"]), r[k]) for r in result.rows for k in ("reference_response", "realigned_response")})
+        assert judge.asked == len({(text_sha256(r["prompt"]), r[k]) for r in result.rows for k in ("reference_response", "realigned_response")})
         again = evaluate_generations(lora, tiny_tokenizer, PROMPTS, judge, POLICY, groups=groups, cache=cache, max_new_tokens=12)
         assert again.judge_stats["requests"] == 0  # every generation judged already
     assert len(result.rows) == 7

@@ -92,6 +92,18 @@ def test_imports_point_one_way():
     assert wrong == []
 
 
+SHARED_TASK_MODULES = {f"trace_realign.tasks.{m}" for m in ("common", "artifacts", "tracking", "plots")}
+
+
+def test_stage_tasks_do_not_import_each_other():
+    """A stage task reads its inputs, calls the library and writes its artifacts: what two stages
+    share lives in the shared task modules or in the library, never in a sibling stage."""
+    graph = import_graph()
+    stages = {m for m in graph if m.startswith("trace_realign.tasks.") and m not in SHARED_TASK_MODULES}
+    assert len(stages) >= 6
+    assert {m: sorted(graph[m] & stages) for m in stages if graph[m] & stages} == {}
+
+
 def test_the_core_library_imports_neither_prefect_nor_mlflow():
     mods = modules()
     offending = {

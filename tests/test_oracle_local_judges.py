@@ -8,7 +8,8 @@ from trace_realign.core.data import PreferencePair
 from trace_realign.core.errors import ConfigError, DataError, TraceError
 from trace_realign.core.evaluation import judge_for_generations, local_judge_from_verdicts
 from trace_realign.core.oracle import make_judge
-from trace_realign.core.oracle.base import JudgeItem, prompt_sha256
+from trace_realign.core.data import text_sha256
+from trace_realign.core.oracle.base import JudgeItem
 from trace_realign.core.oracle.local_judges import (
     EmbeddingComplianceJudge,
     LocalJudge,
@@ -68,8 +69,8 @@ def embedding_judge():
 def test_embedding_judge_learns_refusals_on_unseen_prompts(embedding_judge):
     judge, report = embedding_judge, embedding_judge.held_out
     items, _ = _toy_data()
-    train_prompts = {prompt_sha256(items[i].prompt) for i in report["train_indices"]}
-    held_prompts = {prompt_sha256(items[i].prompt) for i in report["holdout_indices"]}
+    train_prompts = {text_sha256(items[i].prompt) for i in report["train_indices"]}
+    held_prompts = {text_sha256(items[i].prompt) for i in report["holdout_indices"]}
     assert train_prompts.isdisjoint(held_prompts)
     assert len(held_prompts) == 4 and len(train_prompts) == 12
     assert report["n_known"] == 8 and report["n_train"] == 24

@@ -1,7 +1,7 @@
 from trace_realign.core.triage import TriageType, triage, triage_counts, triage_pair
 
 
-def test_triage_table_of_method_md():
+def test_triage_table_of_the_paper():
     assert triage_pair(False, True) is TriageType.INVERT
     assert triage_pair(False, False) is TriageType.PUNISH
     assert triage_pair(True, True) is TriageType.RETAIN

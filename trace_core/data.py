@@ -92,6 +92,15 @@ def text_sha256(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def make_pair_id(prompt: Prompt, chosen: str, rejected: str) -> str:
     """16 hex digits of sha256 over the canonical JSON of ``[prompt, chosen, rejected]``.
 

@@ -5,8 +5,8 @@
 replaced by 1 when it is 0). Gradients are over the trainable parameters (a LoRA adapter, or all
 weights under full fine-tuning).
 
-How the scores are computed (the cost note in method.md): the samples of a batch do not interact,
-so one batched backward of the summed losses carries each row's own output gradient ``d`` at
+How the scores are computed (once, at theta_ref, as arXiv 2511.02623's stage 3 prescribes): the
+samples of a batch do not interact, so one batched backward of the summed losses carries each row's own output gradient ``d`` at
 every layer. For a linear layer ``y = W a + b`` the per-sample gradient is
 ``sum_t d_t a_t^T`` (and ``sum_t d_t`` for the bias), so
 ``<G, grad_W L_i> = sum_t d_{i,t} . (G a_{i,t})``: forward hooks compute ``G a`` (or keep ``a``),
@@ -75,7 +75,7 @@ def build_gold_batch(
     size: int = 64,
     seed: int = 0,
 ) -> list[GoldPair]:
-    """The gold batch of method.md, drawn from the training data with a fixed seed.
+    """The gold batch (arXiv 2511.02623, stage 3), drawn from the training data with a fixed seed.
 
     A third RETAIN pairs as they are, a third INVERT pairs flipped, the rest PUNISH prompts
     paired as (a random compliant response from the pool, y_w). Pairs are objects with
@@ -248,13 +248,14 @@ class _ScoreHooks:
         self.handles = []
 
     def start(self, n_rows: int, device):
-        self.row_scores = torch.zeros(n_rows, dtype=torch.float64, device=device)
-        self.dummy = torch.zeros((), device=device, requires_grad=True)
+        self.row_scores = torch.zeros(n_rows, dtype=torch.float64, device=device)  # [R]: s_i per row
+        self.dummy = torch.zeros((), device=device, requires_grad=True)  # []: makes every hooked output need a grad
 
     def _add_dummy(self, module, args, output):
         return output + self.dummy.to(output.dtype)
 
     def _accumulate(self, d: torch.Tensor, q: torch.Tensor):
+        # d, q: [R, T, H] (output gradient, G applied to the input) -> [R]: sum over tokens and features
         self.row_scores += (d.float() * q).flatten(1).sum(1, dtype=torch.float64)
 
     def _on_grad(self, output: torch.Tensor, make_q: Callable[[], torch.Tensor]):
@@ -262,13 +263,14 @@ class _ScoreHooks:
 
     def _linear_hook(self, g_w, g_b):
         def hook(module, args, output):
-            a = args[0]
+            a = args[0]  # [R, T, in_features]
 
             # q must not reference ``output``: the hook lives on ``output``, and a cycle through it
             # would keep every batch's activations alive until the garbage collector runs.
-            shape = a.shape[:-1] + (module.out_features,)
+            shape = a.shape[:-1] + (module.out_features,)  # [R, T, out_features]
 
             def q():
+                # G_W a: [R, T, in] x [out, in]^T -> [R, T, out]; G_b broadcasts over [R, T]
                 out = F.linear(a.float(), g_w) if g_w is not None else a.new_zeros(shape, dtype=torch.float32)
                 return out + g_b if g_b is not None else out
 
@@ -282,8 +284,8 @@ class _ScoreHooks:
 
     def _embedding_hook(self, g_w, module):
         def hook(mod, args, output):
-            ids = args[0]
-            self._on_grad(output, lambda: F.embedding(ids, g_w))
+            ids = args[0]  # [R, T] token ids
+            self._on_grad(output, lambda: F.embedding(ids, g_w))  # G[token]: [R, T, H]
 
         return hook
 
@@ -291,12 +293,12 @@ class _ScoreHooks:
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
 
         def hook(mod, args, output):
-            x = args[0]
+            x = args[0]  # [R, T, H]
 
             def q():
                 xf = x.float()
-                x_hat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-                return g_w * x_hat.float()
+                x_hat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)  # [R, T, H]
+                return g_w * x_hat.float()  # [H] * [R, T, H] -> [R, T, H]
 
             self._on_grad(output, q)
 
@@ -304,11 +306,11 @@ class _ScoreHooks:
 
     def _layer_norm_hook(self, g_w, g_b, module):
         def hook(mod, args, output):
-            x = args[0]
+            x = args[0]  # [R, T, H]
 
             def q():
-                x_hat = F.layer_norm(x.float(), mod.normalized_shape, None, None, mod.eps)
-                out = g_w * x_hat if g_w is not None else torch.zeros_like(x_hat)
+                x_hat = F.layer_norm(x.float(), mod.normalized_shape, None, None, mod.eps)  # [R, T, H]
+                out = g_w * x_hat if g_w is not None else torch.zeros_like(x_hat)  # [R, T, H]
                 return out + g_b if g_b is not None else out
 
             self._on_grad(output, q)

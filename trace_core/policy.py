@@ -70,11 +70,6 @@ def canonical_text(raw: str) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def canonical_sha256(raw: str) -> str:
-    """sha256 (hex) of :func:`canonical_text` of ``raw``, UTF-8 encoded."""
-    return hashlib.sha256(canonical_text(raw).encode("utf-8")).hexdigest()
-
-
 def _split_front_matter(canon: str, source: str) -> tuple[dict[str, Any], str]:
     """Split canonical text into (front matter mapping, body); a file without front matter has {}."""
     lines = canon.split("\n")

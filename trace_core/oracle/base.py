@@ -29,7 +29,6 @@ a sentence) is an unknown verdict with its reason.
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from trace_realign.core.data import canonical_json, text_sha256
+from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.policy import Policy
 
@@ -104,15 +103,6 @@ class JudgeItem:
     annotations: dict[str, Any] | None = None
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def prompt_sha256(prompt: str | list[dict[str, Any]]) -> str:
-    """sha256 of a prompt string, or of the canonical JSON of a chat message list."""
-    return text_sha256(prompt)
-
-
 def prompt_text(prompt: str | list[dict[str, Any]]) -> str:
     """The prompt as the judge sees it: a string as is; a single user message as its content;
     a longer conversation as "Role: content" blocks separated by blank lines."""
@@ -138,7 +128,7 @@ def check_template(template: str, allowed: set[str], required: set[str], setting
 
 
 def short_hash(obj: Any) -> str:
-    return sha256_text(canonical_json(obj))[:12]
+    return text_sha256(obj)[:12]
 
 
 class ChatTemplates:

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from trace_realign.core.errors import TraceError
-from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict, prompt_sha256, sha256_text
+from trace_realign.core.data import text_sha256
+from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict
 from trace_realign.core.policy import Policy
 from trace_realign.core.triage import TriagedPair, TriageType
 
@@ -74,7 +75,7 @@ DEFAULT_MAX_UNKNOWN_ATTEMPTS = 3
 
 def item_key(item: JudgeItem) -> Key:
     """(sha256 of the prompt, sha256 of the response) for one item."""
-    return prompt_sha256(item.prompt), sha256_text(item.response)
+    return text_sha256(item.prompt), text_sha256(item.response)
 
 
 class VerdictCache:

@@ -29,15 +29,14 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import DataError, TraceError
 from trace_realign.core.oracle.base import (
     Judge,
     JudgeItem,
     OnResult,
     Verdict,
-    prompt_sha256,
     prompt_text,
-    sha256_text,
     short_hash,
 )
 from trace_realign.core.oracle.quality import judge_agreement
@@ -184,7 +183,7 @@ def _known_sorted(items: Sequence[JudgeItem], labels: Sequence[bool | None], who
     if len(items) != len(labels):
         raise DataError(f"{who} judge: {len(items)} items but {len(labels)} labels")
     known = sorted(
-        (((prompt_sha256(it.prompt), sha256_text(it.response)), it, bool(y)) for it, y in zip(items, labels) if y is not None),
+        (((text_sha256(it.prompt), text_sha256(it.response)), it, bool(y)) for it, y in zip(items, labels) if y is not None),
         key=lambda t: (t[0], t[2]),
     )
     n_true = sum(y for _, _, y in known)
@@ -200,13 +199,13 @@ def split_by_prompt(
 ) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices) with every response of one prompt on the same side.
 
-    Distinct prompts (by :func:`~trace_realign.core.oracle.base.prompt_sha256`) are shuffled under ``seed``;
+    Distinct prompts (by :func:`~trace_realign.core.data.text_sha256`) are shuffled under ``seed``;
     ``ceil(holdout_fraction * n_prompts)`` of them (at least one, at most all but one) are held out.
     Raises ValueError for a fraction outside (0, 1), DataError for fewer than 2 distinct prompts.
     """
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    keys = [prompt_sha256(it.prompt) for it in items]
+    keys = [text_sha256(it.prompt) for it in items]
     distinct = sorted(set(keys))
     if len(distinct) < 2:
         raise DataError(f"the embedding judge's held-out split needs at least 2 distinct prompts, got {len(distinct)}")
@@ -292,7 +291,7 @@ class LocalJudge(Judge):
         n_true = sum(y for _, _, y in known)
         triples = sorted(f"{p}:{r}:{int(y)}" for (p, r), _, y in known)
         training = TrainingRecord(
-            training_hash=sha256_text("\n".join(triples)),
+            training_hash=text_sha256("\n".join(triples)),
             policy_sha256=policy.sha256 if policy is not None else None,
             n_train=len(known),
             train_label_counts={"compliant": n_true, "violating": len(known) - n_true},
@@ -333,8 +332,8 @@ class LocalJudge(Judge):
             holdout_fraction=holdout_fraction,
             seed=seed,
             n_train=judge.training.n_train,
-            n_train_prompts=len({prompt_sha256(items[i].prompt) for i in train}),
-            n_holdout_prompts=len({prompt_sha256(items[i].prompt) for i in holdout}),
+            n_train_prompts=len({text_sha256(items[i].prompt) for i in train}),
+            n_holdout_prompts=len({text_sha256(items[i].prompt) for i in holdout}),
             train_indices=train,
             holdout_indices=holdout,
         )
@@ -483,7 +482,7 @@ class RefusalAwareJudge(LocalJudge):
     where a refusal complies, anything that refuses or carries no bad content complies; elsewhere
     the answer must neither refuse nor carry bad content. Each probe sees one kind of text, so it
     transfers to generated text better than one classifier over prompt-response interactions
-    (measured on the demo's 234 labelled SmolLM2 generations: 0.88 against 0.74). Needs
+    (measured in the demo run on its 234 labelled SmolLM2 generations: 0.81 against 0.74). Needs
     ``refusal`` annotations on both refusing and non-refusing training responses.
     """
 
@@ -501,7 +500,7 @@ class RefusalAwareJudge(LocalJudge):
         refusal_ok: dict[str, tuple[JudgeItem, bool]] = {}
         for it, y in zip(items, labels):
             if refusal(it) is True:
-                refusal_ok.setdefault(prompt_sha256(it.prompt), (it, y))
+                refusal_ok.setdefault(text_sha256(it.prompt), (it, y))
         bad = [(it, not y) for it, y in zip(items, labels) if refusal(it) is False]
         for name, rows in (("refusal_ok", list(refusal_ok.values())), ("content", bad)):
             if len({y for _, y in rows}) < 2:
