@@ -58,10 +58,10 @@ def reference_stage(
     with stage_run(ctx, "reference") as stage:
         bars: dict[str, Bar] = {}
 
-        def progress(stage, done, total):
-            if stage not in bars:
-                bars[stage] = Bar(f"reference: {stage}", total, ctx.progress)
-            bars[stage].absolute(int(done), total)
+        def progress(part, done, total):
+            if part not in bars:
+                bars[part] = Bar(f"reference: {part}", total, ctx.progress)
+            bars[part].absolute(int(done), total)
 
         out = run_reference_stage(
             policy_model,
