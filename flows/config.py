@@ -30,7 +30,7 @@ from trace_realign.core.config import (
 )
 from trace_realign.core.errors import ConfigError, describe_validation_errors
 from trace_realign.core.oracle.config import BACKENDS, JudgeConfig
-from trace_realign.core.resources import shipped_config
+from trace_realign.core.resources import SHIPPED_ROOT
 
 
 class RunConfig(Section):
@@ -75,6 +75,15 @@ class PipelineConfig(Section):
         """A section as plain data (for cache keys and MLflow params)."""
         value = getattr(self, name)
         return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def shipped_config(name: str) -> Path | None:
+    """The shipped config called ``name`` (``demo``, ``smoke``, or ``demo.yaml``), else None."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if not stem or "/" in stem or "\\" in stem:
+        return None
+    path = SHIPPED_ROOT / "configs" / f"{stem}.yaml"
+    return path if path.is_file() else None
 
 
 def _set(tree: dict, dotted: str, value: Any, where: str) -> None:

@@ -20,7 +20,7 @@ process can reach; against a tracking server they are only marked deleted, for i
 ``mlflow gc``).
 
 Without ``--yes`` it only shows what it would delete and how much space that frees. It holds the
-working folder's lock (:mod:`flows.workdir`), so it never deletes under a running run.
+working folder's lock (:mod:`trace_realign.flows.workdir`), so it never deletes under a running run.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from trace_realign.tasks.partition import triage_and_partition
 from trace_realign.tasks.reference import reference_stage
 from trace_realign.tasks.train import train_stage
 from trace_realign.core.assets import read_marker, resolve_model
-from trace_realign.core.config import input_files
+from trace_realign.core.config import DataConfig, input_files
 from trace_realign.flows.config import PipelineConfig
 from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import TraceError
@@ -41,13 +41,13 @@ from trace_realign.core.triage import TriageType
 PACKAGES = ("trace-realign", "torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "prefect", "mlflow", "openai")
 
 
-def data_fingerprint(data: dict, memo: HashMemo) -> str:
+def data_fingerprint(data: DataConfig, memo: HashMemo) -> str:
     """The content hash of the data file or folder; a Hugging Face hub name is identified by name,
     split and config."""
-    path = Path(data["path"])
+    path = Path(data.path)
     if path.exists():
         return memo.content(path)
-    return text_sha256(["hf", data["path"], data.get("split"), data.get("config_name")])
+    return text_sha256(["hf", data.path, data.split, data.config_name])
 
 
 def model_fingerprint(spec: str, memo: HashMemo) -> str:
@@ -139,7 +139,7 @@ def realign(
     for again), and implies ``fresh=["judge"]``. Without either, a judge stage answered from the
     cache is recomputed when it holds unknown verdicts the judge may still answer.
 
-    The run holds its working folder's lock throughout (:mod:`flows.workdir`): with
+    The run holds its working folder's lock throughout (:mod:`trace_realign.flows.workdir`): with
     ``workdir_wait_s=0`` a folder another run is using fails at once with one line; ``None`` waits
     for it (served runs queue this way).
     """
@@ -162,7 +162,7 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
     data = cfg.section("data")
     # Content hashes, remembered per file stamp so unchanged large files are not read again.
     memo = HashMemo(workdir / "cache" / "file_hashes.json")
-    data_sha = data_fingerprint(data, memo)
+    data_sha = data_fingerprint(cfg.data, memo)
     model_sha = model_fingerprint(cfg.model.path, memo)
     files = input_fingerprints(cfg, memo)
     memo.save()

@@ -18,7 +18,7 @@ made instead of a second one.
 Nothing here relies on a slot a dead process could hold. The deployments carry no Prefect
 concurrency limit (a run killed while it held a deployment slot kept the slot on the server, and
 every later tick was cancelled): realign runs queue on the working folder's lock
-(:mod:`flows.workdir`, released by the kernel when a process dies), ticks on the state file's lock.
+(:mod:`trace_realign.flows.workdir`, released by the kernel when a process dies), ticks on the state file's lock.
 When ``watch`` starts it recovers what an earlier, interrupted ``watch`` left behind: realign runs
 it had in flight are scheduled again (their finished stages are cached), stale ticks are marked
 crashed.

@@ -144,8 +144,3 @@ def workdir_lock(
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
-
-
-def holds_lock(workdir: str | Path) -> bool:
-    """Whether this process holds the working folder's lock."""
-    return Path(workdir).resolve() in _held

@@ -18,17 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trace_realign.core.data import PAIR_COLUMNS, file_sha256, pairs_to_table, table_to_pairs
-from trace_realign.core.triage import TriagedPair, TriageType
-
-TRIAGE_COLUMNS = [
-    ("triage", pa.string()),
-    ("chosen_compliant", pa.bool_()),
-    ("rejected_compliant", pa.bool_()),
-    ("correction", pa.string()),
-]
-"""The columns a triage shard adds to the pair columns (``triage/<type>-<k>-<sha8>.parquet``)."""
-
+from trace_realign.core.data import file_sha256
+from trace_realign.core.triage import TRAINABLE, TriagedPair, table_to_triaged
 
 def folder_sha256(path: str | Path, pattern: str = "*", file_hash=file_sha256) -> str:
     """sha256 over the relative names and contents of every file below ``path`` matching ``pattern``
@@ -162,34 +153,8 @@ def read_parquet(path: str | Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
-    """Triaged pairs as a triage shard: the pair columns plus :data:`TRIAGE_COLUMNS`."""
-    table = pairs_to_table([t.pair for t in triaged])
-    for (name, typ), values in zip(
-        TRIAGE_COLUMNS,
-        (
-            [t.type.value for t in triaged],
-            [t.chosen_compliant for t in triaged],
-            [t.rejected_compliant for t in triaged],
-            [t.correction for t in triaged],
-        ),
-    ):
-        table = table.append_column(pa.field(name, typ), pa.array(values, type=typ))
-    return table
-
-
-def table_to_triaged(table: pa.Table) -> list[TriagedPair]:
-    """The triaged pairs of a triage shard (:func:`triaged_to_table`)."""
-    pairs = table_to_pairs(table.select(list(PAIR_COLUMNS)))
-    cols = table.select([n for n, _ in TRIAGE_COLUMNS]).to_pylist()
-    return [
-        TriagedPair(p, TriageType(c["triage"]), c["chosen_compliant"], c["rejected_compliant"], c["correction"])
-        for p, c in zip(pairs, cols)
-    ]
-
-
 def read_triaged(
-    shards: dict[str, list[dict]], kinds=(TriageType.INVERT.value, TriageType.PUNISH.value, TriageType.RETAIN.value)
+    shards: dict[str, list[dict]], kinds: tuple[str, ...] = tuple(t.value for t in TRAINABLE)
 ) -> list[TriagedPair]:
     """The triaged pairs of the triage stage's shards of ``kinds`` (its artifact names: the triage
     types and ``holdout``), in shard order."""

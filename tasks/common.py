@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 
 from trace_realign.tasks import tracking
 
@@ -133,14 +132,8 @@ def stage_run(run: dict | RunContext, stage: str) -> Iterator[StageRun]:
     """The stage's MLflow child run under the flow's parent run: FINISHED when the block ends, FAILED
     when it raises."""
     ctx = context_of(run)
-    with tracking.stage_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, stage) as (client, run_id):
+    with tracking.child_run(ctx.mlflow_uri, ctx.experiment, ctx.workdir, ctx.parent_run_id, stage) as (client, run_id):
         yield StageRun(stage, client, run_id)
-
-
-def device_for(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
 
 
 class Bar:

@@ -8,31 +8,14 @@ unknown again (``--fresh judge``); ``refresh_known`` asks known verdicts again t
 
 from __future__ import annotations
 
-import pyarrow as pa
 from prefect import task
 
 from trace_realign.tasks.artifacts import describe, read_parquet, write_parquet
 from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.data import table_to_pairs
-from trace_realign.core.oracle import VerdictCache, judge_items, judge_with_cache, make_judge
+from trace_realign.core.oracle import VerdictCache, judge_items, judge_with_cache, make_judge, parse_judge_config
+from trace_realign.core.oracle.verdicts import verdict_table
 from trace_realign.core.policy import load_policy
-
-VERDICT_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("chosen_compliant", pa.bool_()),
-        ("rejected_compliant", pa.bool_()),
-        ("chosen_confidence", pa.float64()),
-        ("rejected_confidence", pa.float64()),
-        ("chosen_reason", pa.string()),
-        ("rejected_reason", pa.string()),
-        ("chosen_raw", pa.string()),
-        ("rejected_raw", pa.string()),
-        ("judge", pa.string()),
-        ("policy_sha256", pa.string()),
-    ]
-)
-
 
 @task(name="judge", cache_key_fn=stage_cache_key, persist_result=True, task_run_name="judge-{shard_index}")
 def judge_shard(
@@ -46,41 +29,25 @@ def judge_shard(
     refresh_unknown: bool = False,
     refresh_known: bool = False,
 ) -> StageResult:
-    """One shard of pairs -> ``verdicts-<k>-<sha8>.parquet`` (schema ``VERDICT_SCHEMA``).
+    """One shard of pairs -> ``verdicts-<k>-<sha8>.parquet`` (:data:`~trace_realign.core.oracle.verdicts.VERDICT_SCHEMA`).
 
     ``input_files_sha256`` holds the content hashes of the judge's model files (a transformers or
     vLLM judge folder), so replacing the judge model recomputes the stage."""
     ctx = context_of(run)
-    policy = load_policy(policy_path)
-    pairs = table_to_pairs(read_parquet(shard["path"]))
-    items = judge_items(pairs)
+    oracle_cfg = parse_judge_config(oracle, "oracle")
     with stage_run(ctx, f"judge-{shard_index:04d}") as stage:
-        with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
+        policy = load_policy(policy_path)
+        pairs = table_to_pairs(read_parquet(shard["path"]))
+        items = judge_items(pairs)
+        with make_judge(oracle_cfg, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
             with Bar(f"judging shard {shard_index}", len(items), ctx.progress) as bar:
                 verdicts, stats = judge_with_cache(
                     judge, items, policy, cache, progress=bar.absolute, refresh_unknown=refresh_unknown,
-                    refresh_known=refresh_known, max_unknown_attempts=oracle.get("max_unknown_attempts"),
+                    refresh_known=refresh_known, max_unknown_attempts=getattr(oracle_cfg, "max_unknown_attempts", None),  # LLM judges only
                 )
             identity = judge.identity
-        rows = []
-        for i, p in enumerate(pairs):
-            vc, vr = verdicts[2 * i], verdicts[2 * i + 1]
-            rows.append(
-                {
-                    "pair_id": p.pair_id,
-                    "chosen_compliant": vc.compliant,
-                    "rejected_compliant": vr.compliant,
-                    "chosen_confidence": vc.confidence,
-                    "rejected_confidence": vr.confidence,
-                    "chosen_reason": vc.reason,
-                    "rejected_reason": vr.reason,
-                    "chosen_raw": vc.raw,
-                    "rejected_raw": vr.raw,
-                    "judge": identity,
-                    "policy_sha256": policy.sha256,
-                }
-            )
-        path = write_parquet(pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA), ctx.folder("artifacts", "verdicts"), f"verdicts-{shard_index:04d}")
+        table = verdict_table(pairs, verdicts, identity, policy.sha256)
+        path = write_parquet(table, ctx.folder("artifacts", "verdicts"), f"verdicts-{shard_index:04d}")
         params = {"oracle": {k: v for k, v in oracle.items() if "template" not in k}, "judge_identity": identity}
         metrics = {f"judge_{k}": v for k, v in stats.items()}
-        return stage.result({"verdicts": describe(path, len(rows))}, metrics, params, {"judge": identity})
+        return stage.result({"verdicts": describe(path, table.num_rows)}, metrics, params, {"judge": identity})

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from prefect import task
 
-from trace_realign.tasks.artifacts import describe, read_parquet, triaged_to_table, write_parquet
+from trace_realign.tasks.artifacts import describe, read_parquet, write_parquet
 from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.data import table_to_pairs
 from trace_realign.core.oracle import VerdictCache, make_judge
 from trace_realign.core.oracle.cache import correct_punish_pairs
 from trace_realign.core.policy import load_policy
-from trace_realign.core.triage import TriageType, split_holdout, triage_counts, triage_pairs
+from trace_realign.core.config import TriageConfig
+from trace_realign.core.oracle.verdicts import triage_from_verdicts
+from trace_realign.core.triage import TriageType, split_holdout, triage_counts, triaged_to_table
 
 def _write_shards(triaged, folder, stem, size):
     out = []
@@ -42,18 +44,12 @@ def triage_and_partition(
     """Triage every pair from its verdicts; ``input_files_sha256`` holds the content hashes of the
     oracle's model files (the judge that writes corrections), so replacing them recomputes."""
     ctx = context_of(run)
-    pair_list = table_to_pairs(read_parquet(pairs["path"]))
-    by_id = {}
-    for v in verdicts:
-        for row in read_parquet(v["path"]).to_pylist():
-            by_id[row["pair_id"]] = row
-    chosen = [by_id.get(p.pair_id, {}).get("chosen_compliant") for p in pair_list]
-    rejected = [by_id.get(p.pair_id, {}).get("rejected_compliant") for p in pair_list]
-    triaged = triage_pairs(pair_list, chosen, rejected)
-
+    triage_cfg = TriageConfig.model_validate(triage)
     with stage_run(ctx, "triage") as stage:
+        rows = [row for v in verdicts for row in read_parquet(v["path"]).to_pylist()]
+        triaged = triage_from_verdicts(table_to_pairs(read_parquet(pairs["path"])), rows)
         metrics = {}
-        if triage.get("corrections"):
+        if triage_cfg.corrections:
             with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
                 with Bar("corrections", sum(t.type is TriageType.PUNISH for t in triaged), ctx.progress) as bar:
                     triaged, stats = correct_punish_pairs(triaged, judge, load_policy(policy_path), cache, bar.absolute)

@@ -6,26 +6,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
 from prefect import task
 
 from trace_realign.tasks.artifacts import describe, folder_sha256, publish_folder, read_triaged, write_parquet
-from trace_realign.tasks.common import Bar, StageResult, context_of, device_for, stage_cache_key, stage_run
+from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, ReferenceTrainingConfig, TriageConfig, WeightsConfig
-from trace_realign.core.data import canonical_json, load_pairs
-from trace_realign.core.impact import GoldPair
-from trace_realign.core.modeling import load_tokenizer, save_adapter, trainable_model
-from trace_realign.core.reference import run_reference_stage, weights_table
-
-GOLD_SCHEMA = pa.schema(
-    [("pair_id", pa.string()), ("prompt", pa.string()), ("preferred", pa.string()), ("dispreferred", pa.string()), ("source", pa.string())]
-)
-
-
-def user_gold(path: str) -> list[GoldPair]:
-    res = load_pairs(path, columns={"chosen": "preferred", "rejected": "dispreferred"})
-    return [GoldPair(p.pair_id, p.prompt, p.chosen, p.rejected, "user") for p in res.pairs]
+from trace_realign.core.modeling import load_tokenizer, resolve_device, save_adapter, trainable_model
+from trace_realign.core.reference import gold_table, load_user_gold, run_reference_stage, weights_table
 
 
 @task(name="reference", cache_key_fn=stage_cache_key, persist_result=True)
@@ -51,11 +39,12 @@ def reference_stage(
     model_cfg = ModelConfig.model_validate(model)
     weights_cfg = WeightsConfig.model_validate(weights)
     training_cfg = ReferenceTrainingConfig.model_validate(training)
-    path = resolve_model(model_cfg.path)
-    tokenizer = load_tokenizer(path)
-    policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device_for(model_cfg.device), seed=seed)
-    triaged = read_triaged(shards)
     with stage_run(ctx, "reference") as stage:
+        path = resolve_model(model_cfg.path)
+        tokenizer = load_tokenizer(path)
+        device = resolve_device(model_cfg.device)
+        policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device, seed=seed)
+        triaged = read_triaged(shards)
         bars: dict[str, Bar] = {}
 
         def progress(part, done, total):
@@ -71,7 +60,7 @@ def reference_stage(
             weights_cfg,
             TriageConfig.model_validate(triage),
             seed=seed,
-            user_gold=user_gold(weights_cfg.gold_path) if weights_cfg.gold_path else None,
+            user_gold=load_user_gold(weights_cfg.gold_path) if weights_cfg.gold_path else None,
             progress=progress,
         )
         for bar in bars.values():
@@ -79,18 +68,9 @@ def reference_stage(
         table = weights_table(out, triaged)
         folder = ctx.folder("artifacts", "reference")
         weights_path = write_parquet(table, folder, "weights")
-        gold_rows = [
-            {
-                "pair_id": g.pair_id,
-                "prompt": g.prompt if isinstance(g.prompt, str) else canonical_json(g.prompt),
-                "preferred": g.preferred,
-                "dispreferred": g.dispreferred,
-                "source": g.source,
-            }
-            for g in out.gold
-        ]
-        gold_path = write_parquet(pa.Table.from_pylist(gold_rows, schema=GOLD_SCHEMA), folder, "gold")
-        artifacts = {"weights": describe(weights_path, table.num_rows), "gold": describe(gold_path, len(gold_rows))}
+        gold = gold_table(out.gold)
+        gold_path = write_parquet(gold, folder, "gold")
+        artifacts = {"weights": describe(weights_path, table.num_rows), "gold": describe(gold_path, gold.num_rows)}
         if not training_cfg.full_finetune:
             # The adapter the scores were taken at is the one training starts from.
             build = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=folder))

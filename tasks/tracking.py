@@ -204,7 +204,7 @@ def process_tags(workdir: str | Path) -> dict[str, str]:
 def close_dead_runs(c, experiment_id: str, workdir: str | Path) -> list[str]:
     """Mark this working folder's runs that are still RUNNING as KILLED, with the reason in a tag.
 
-    Called by a run that holds the folder's lock (:mod:`flows.workdir`): no other process can be
+    Called by a run that holds the folder's lock (:mod:`trace_realign.flows.workdir`): no other process can be
     running in the folder, so a RUNNING run of it was left by a process that died (SIGKILL, power
     loss). Returns their run ids (parent and stage runs alike).
     """
@@ -248,7 +248,7 @@ class TimedClient:
 
 
 @contextmanager
-def stage_run(uri: str, experiment: str, workdir: str | Path, parent_run_id: str | None, stage: str, tags=None) -> Iterator[tuple[Any, str]]:
+def child_run(uri: str, experiment: str, workdir: str | Path, parent_run_id: str | None, stage: str, tags=None) -> Iterator[tuple[Any, str]]:
     """A child run for one stage; FINISHED on success, FAILED on an exception."""
     c = TimedClient(client(uri))
     run_tags = {"mlflow.runName": stage, "stage": stage, **process_tags(workdir), **(tags or {})}

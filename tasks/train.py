@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 from pathlib import Path
 
@@ -11,10 +9,11 @@ from prefect import task
 
 from trace_realign.tasks import plots, tracking
 from trace_realign.tasks.artifacts import describe, read_parquet, read_triaged
-from trace_realign.tasks.common import StageResult, context_of, device_for, stage_cache_key, stage_run
+from trace_realign.tasks.common import StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, TrainingConfig, TriageConfig
-from trace_realign.core.modeling import load_model, load_tokenizer, trainable_model
+from trace_realign.core.data import text_sha256
+from trace_realign.core.modeling import frozen_reference, load_tokenizer, resolve_device, trainable_model
 from trace_realign.core.reference import training_samples
 from trace_realign.core.training import save_output, train
 
@@ -38,21 +37,22 @@ def train_stage(
     ctx = context_of(run)
     model_cfg = ModelConfig.model_validate(model)
     training_cfg = TrainingConfig.model_validate(training)
-    path = resolve_model(model_cfg.path)
-    tokenizer = load_tokenizer(path)
-    device = device_for(model_cfg.device)
-    adapter = None if training_cfg.full_finetune else reference["initial_adapter"]["path"]
-    policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device, seed=seed, adapter=adapter)
-    ref_model = load_model(path, model_cfg.dtype, device) if training_cfg.full_finetune else None
-    weights_path = reference["weights"]["path"]
-    samples = training_samples(
-        read_triaged(shards), tokenizer, training_cfg, TriageConfig.model_validate(triage), read_parquet(weights_path), where=weights_path
-    )
     # The checkpoint folder is named after what determines the run, so a rerun after a crash resumes it.
-    key = hashlib.sha256(json.dumps([reference["weights"]["sha256"], training, triage, model_sha256, seed], sort_keys=True).encode()).hexdigest()[:16]
+    key = text_sha256([reference["weights"]["sha256"], training, triage, model_sha256, seed])[:16]
     out_dir = ctx.folder("artifacts", "train", key)
     resume = any(out_dir.glob("checkpoint-*"))
     with stage_run(ctx, "train") as stage:
+        path = resolve_model(model_cfg.path)
+        tokenizer = load_tokenizer(path)
+        device = resolve_device(model_cfg.device)
+        adapter = None if training_cfg.full_finetune else reference["initial_adapter"]["path"]
+        policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device, seed=seed, adapter=adapter)
+        ref_model = frozen_reference(path, training_cfg.full_finetune, dtype=model_cfg.dtype, device=device)
+        weights_path = reference["weights"]["path"]
+        samples = training_samples(
+            read_triaged(shards), tokenizer, training_cfg, TriageConfig.model_validate(triage), read_parquet(weights_path),
+            where=weights_path,
+        )  # fmt: skip
         stage.log_params({"training": training, "samples": len(samples), "resumed": resume})
         result = train(
             policy_model, tokenizer, samples, training_cfg, out_dir, seed=seed, progress=ctx.progress,

@@ -12,7 +12,7 @@ from trace_realign.core.errors import DataError, TraceError
 from trace_realign.core.evaluation import (
     evaluate_generations,
     generate,
-    generate_reference_and_policy,
+    generate_reference_and_realigned,
     response_perplexity,
     significant_improvement,
     target_policy_agreement,
@@ -87,18 +87,18 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(model, tiny_tokenize
 def test_reference_and_realigned_generation_share_one_lora_model(model, lora_model, tiny_tokenizer):
     plain = generate(model, tiny_tokenizer, PROMPTS, max_new_tokens=16)
     lora_model.train()
-    ref, new = generate_reference_and_policy(lora_model, tiny_tokenizer, PROMPTS, max_new_tokens=16)
+    ref, new, _, _ = generate_reference_and_realigned(lora_model, tiny_tokenizer, PROMPTS, max_new_tokens=16)
     assert ref == new == plain  # LoRA B = 0 at initialisation: the adapter changes nothing yet
     assert lora_model.training  # the training flag is restored
     _perturb_lora_b(lora_model)
     ticks = []
-    ref, new = generate_reference_and_policy(lora_model, tiny_tokenizer, PROMPTS, max_new_tokens=16, progress=lambda d, t: ticks.append((d, t)))
+    ref, new, _, _ = generate_reference_and_realigned(lora_model, tiny_tokenizer, PROMPTS, max_new_tokens=16, progress=lambda d, t: ticks.append((d, t)))
     assert ref == plain  # adapter disabled: the reference
     assert new != ref
     assert ticks[-1] == (14, 14)
     with pytest.raises(TraceError, match="reference_model"):
-        generate_reference_and_policy(model, tiny_tokenizer, PROMPTS[:1])
-    ref2, new2 = generate_reference_and_policy(model, tiny_tokenizer, PROMPTS, reference_model=model, max_new_tokens=16)
+        generate_reference_and_realigned(model, tiny_tokenizer, PROMPTS[:1])
+    ref2, new2, _, _ = generate_reference_and_realigned(model, tiny_tokenizer, PROMPTS, reference_model=model, max_new_tokens=16)
     assert ref2 == new2 == plain
 
 

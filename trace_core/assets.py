@@ -16,7 +16,6 @@ No Prefect or MLflow here: flows and the CLI call :func:`prepare_model` / :func:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -106,7 +105,7 @@ class KnownModel:
             if not src.data_path.is_file():
                 raise TraceError(f"{src.data_path}: the preference file {self.name} is made from is missing")
             base = get_known_model(src.base).fingerprint
-            data = hashlib.sha256(src.data_path.read_bytes()).hexdigest()
+            data = file_sha256(src.data_path)
             return f"sft:{json.dumps(dict(src.settings), sort_keys=True)}:data:{data}:base:{base}"
         return f"tiny:seed={self.source.seed}"
 

@@ -912,13 +912,3 @@ def pku_saferlhf_row(where: str, row: Mapping[str, Any]) -> dict[str, Any]:
         "rejected_annotations": ann(rejected_id),
         "metadata": meta,
     }
-
-
-def pku_saferlhf_rows(rows: Iterable[tuple[str, Mapping[str, Any]]]) -> Iterator[tuple[str, dict]]:
-    """:func:`pku_saferlhf_row` over ``(where, row)`` items; the first bad row raises :class:`DataError`.
-
-    :func:`load_pairs` applies the adapter inside :func:`validate_rows` instead, so that
-    ``on_invalid="skip"`` skips bad PKU rows too.
-    """
-    for where, row in rows:
-        yield where, pku_saferlhf_row(where, row)

@@ -25,6 +25,14 @@ def torch_dtype(name: str) -> torch.dtype:
         raise TraceError(f"unknown dtype '{name}' (use float32 or bfloat16)") from None
 
 
+def resolve_device(setting: str) -> str:
+    """The torch device a ``model.device`` setting names: ``auto`` is ``cuda`` when a GPU is
+    visible, else ``cpu``; anything else (``cpu``, ``cuda:1``) is used as given."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
 def load_tokenizer(model_path: str | Path):
     from transformers import AutoTokenizer
 
@@ -98,6 +106,31 @@ def trainable_model(
     if adapter is not None:
         return load_adapter(model, adapter, trainable=True)
     return add_lora(model, training.lora, seed=seed)
+
+
+def frozen_reference(model_path: str | Path, full_finetune: bool, *, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """The reference ``M_ref`` a trained model is compared with, when it needs its own copy: the
+    base model, frozen, after full fine-tuning; None for a LoRA model, which is its own reference
+    with the adapter disabled (:func:`reference_mode`)."""
+    return load_model(model_path, dtype, device) if full_finetune else None
+
+
+def load_realigned(
+    base_path: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+):
+    """(realigned model, reference model or None) from a training stage's output: a LoRA
+    ``adapter`` on the base model (frozen; its own reference), or a fully fine-tuned ``model_dir``
+    with the base model as :func:`frozen_reference`. Raises TraceError when neither is given."""
+    if adapter is not None:
+        return load_adapter(load_model(base_path, dtype, device), adapter, trainable=False), None
+    if model_dir is None:
+        raise TraceError("load_realigned: give the trained adapter or the trained model folder")
+    return load_model(model_dir, dtype, device), frozen_reference(base_path, True, dtype=dtype, device=device)
 
 
 def save_adapter(model, folder: str | Path) -> Path:

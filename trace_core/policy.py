@@ -6,7 +6,7 @@ A policy is a Markdown or plain-text file with optional YAML front matter::
     name: harmless-v2
     version: "2"
     description: optional free text
-    rules:                 # structured rules for the annotations judge (see trace_core.oracle.annotations)
+    rules:                 # structured rules for the annotations judge (see trace_realign.core.oracle.annotations)
       critical_categories: [human_trafficking]
     ---
     The policy text the LLM judges receive as their system prompt.
@@ -28,13 +28,13 @@ UTF-32 file (a byte-order mark) and a file holding a NUL byte (not a text file) 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import TraceError
 
 FRONT_MATTER_KEYS = ("name", "version", "description", "rules")
@@ -125,7 +125,7 @@ def parse_policy(raw: str, source: str | Path = "<policy>", path: Path | None = 
         text=text,
         rules=rules,
         path=path,
-        sha256=hashlib.sha256(canon.encode("utf-8")).hexdigest(),
+        sha256=text_sha256(canon),
         description=None if description is None else str(description),
     )
 

@@ -10,12 +10,14 @@ and joins them back by ``pair_id`` (:func:`training_samples`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow as pa
 import torch
 
 from trace_realign.core.config import ReferenceTrainingConfig, TriageConfig, WeightsConfig
+from trace_realign.core.data import canonical_json, load_pairs
 from trace_realign.core.errors import TraceError
 from trace_realign.core.impact import (
     GoldPair,
@@ -165,6 +167,40 @@ def run_reference_stage(
         **encoder.stats.as_dict(),
     }
     return ReferenceOutput(out, scores, gold, stats)
+
+
+GOLD_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("prompt", pa.string()),  # text, or a chat as canonical JSON
+        ("preferred", pa.string()),
+        ("dispreferred", pa.string()),
+        ("source", pa.string()),  # retain | invert | punish | user
+    ]
+)
+"""One row per pair of the gold batch (``reference/gold-<sha8>.parquet``)."""
+
+
+def gold_table(gold: Sequence[GoldPair]) -> pa.Table:
+    """The gold batch as a table of :data:`GOLD_SCHEMA`."""
+    rows = [
+        {
+            "pair_id": g.pair_id,
+            "prompt": g.prompt if isinstance(g.prompt, str) else canonical_json(g.prompt),
+            "preferred": g.preferred,
+            "dispreferred": g.dispreferred,
+            "source": g.source,
+        }
+        for g in gold
+    ]
+    return pa.Table.from_pylist(rows, schema=GOLD_SCHEMA)
+
+
+def load_user_gold(path: str | Path) -> list[GoldPair]:
+    """A user's own gold pairs (``weights.gold_path``: prompt, preferred, dispreferred, in any format
+    :func:`~trace_realign.core.data.load_pairs` reads); its errors name the file and row."""
+    res = load_pairs(path, columns={"chosen": "preferred", "rejected": "dispreferred"})
+    return [GoldPair(p.pair_id, p.prompt, p.chosen, p.rejected, "user") for p in res.pairs]
 
 
 def weights_table(output: ReferenceOutput, triaged: Sequence[TriagedPair]) -> pa.Table:

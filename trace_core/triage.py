@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, Sequence
 
-from trace_realign.core.data import PreferencePair
+import pyarrow as pa
+
+from trace_realign.core.data import PAIR_COLUMNS, PreferencePair, pairs_to_table, table_to_pairs
 
 
 class TriageType(str, Enum):
@@ -99,3 +101,38 @@ def split_holdout(triaged: Sequence[TriagedPair], fraction: float) -> tuple[list
     for t in triaged:
         (holdout if is_holdout(t.pair.pair_id, fraction) else train).append(t)
     return train, holdout
+
+
+TRIAGE_COLUMNS = [
+    ("triage", pa.string()),
+    ("chosen_compliant", pa.bool_()),
+    ("rejected_compliant", pa.bool_()),
+    ("correction", pa.string()),
+]
+"""The columns a triage shard adds to the pair columns (``triage/<type>-<k>-<sha8>.parquet``: the four types and ``holdout``)."""
+
+
+def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
+    """Triaged pairs as a triage shard: the pair columns plus :data:`TRIAGE_COLUMNS`."""
+    table = pairs_to_table([t.pair for t in triaged])
+    for (name, typ), values in zip(
+        TRIAGE_COLUMNS,
+        (
+            [t.type.value for t in triaged],
+            [t.chosen_compliant for t in triaged],
+            [t.rejected_compliant for t in triaged],
+            [t.correction for t in triaged],
+        ),
+    ):
+        table = table.append_column(pa.field(name, typ), pa.array(values, type=typ))
+    return table
+
+
+def table_to_triaged(table: pa.Table) -> list[TriagedPair]:
+    """The triaged pairs of a triage shard (:func:`triaged_to_table`)."""
+    pairs = table_to_pairs(table.select(list(PAIR_COLUMNS)))
+    cols = table.select([n for n, _ in TRIAGE_COLUMNS]).to_pylist()
+    return [
+        TriagedPair(p, TriageType(c["triage"]), c["chosen_compliant"], c["rejected_compliant"], c["correction"])
+        for p, c in zip(pairs, cols)
+    ]

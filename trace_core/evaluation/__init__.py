@@ -4,7 +4,7 @@ The pipeline's evaluation stage calls these functions; they import neither Prefe
 
 * ``generation`` -- :func:`generate`, deterministic batched generation (left padding, greedy by
   default; a batch gives exactly the text each prompt gives alone), and
-  :func:`generate_reference_and_policy`, the reference and the realigned model's generations from
+  :func:`generate_reference_and_realigned`, the reference and the realigned model's generations from
   one copy of the weights (a LoRA model with its adapter disabled, then enabled).
 * ``tpa`` -- :func:`target_policy_agreement`, :func:`tpa_by_group`: TPA, the percentage of
   generations the judge finds compliant with the new policy (arXiv 2511.02623, experiments), overall
@@ -17,11 +17,14 @@ The pipeline's evaluation stage calls these functions; they import neither Prefe
 * ``judge`` -- :func:`judge_for_generations`: the configured judge when it reads generated text,
   else a local judge (``trace_realign.core.oracle.local_judges``) trained on the training split's
   verdicts.
-* ``run`` -- :func:`evaluate_generations` -> :class:`EvaluationResult`: all of the above for
-  held-out prompts.
+* ``run`` -- :func:`evaluate_generations` -> :class:`EvaluationResult`: generation and judging of
+  held-out prompts, with TPA before and after.
+* ``report`` -- :func:`evaluation_prompts`, :func:`evaluate_realignment` ->
+  :class:`RealignmentReport`: the evaluation stage's whole computation (generations, utility proxy,
+  agreement with hand labels) and its report; :data:`GENERATIONS_SCHEMA`, the generations table.
 """
 
-from trace_realign.core.evaluation.generation import Progress, generate, generate_reference_and_policy
+from trace_realign.core.evaluation.generation import Progress, generate, generate_reference_and_realigned
 from trace_realign.core.evaluation.judge import judge_for_generations, local_judge_from_verdicts
 from trace_realign.core.evaluation.labels import (
     LabelledResponse,
@@ -29,17 +32,22 @@ from trace_realign.core.evaluation.labels import (
     labelled_tpa,
     load_generation_labels,
 )
+from trace_realign.core.evaluation.report import GENERATIONS_SCHEMA, RealignmentReport, evaluate_realignment, evaluation_prompts
 from trace_realign.core.evaluation.run import EvaluationResult, evaluate_generations, judge_generations
 from trace_realign.core.evaluation.tpa import significant_improvement, target_policy_agreement, tpa_by_group
 from trace_realign.core.evaluation.utility import response_nll, response_perplexity, utility_proxy
 
 __all__ = [
+    "GENERATIONS_SCHEMA",
     "EvaluationResult",
+    "RealignmentReport",
     "LabelledResponse",
     "Progress",
     "evaluate_generations",
+    "evaluate_realignment",
+    "evaluation_prompts",
     "generate",
-    "generate_reference_and_policy",
+    "generate_reference_and_realigned",
     "judge_for_generations",
     "judge_generations",
     "judge_on_labels",

@@ -119,7 +119,7 @@ def as_reference(model, reference_model=None) -> Iterator[Any]:
         )
 
 
-def generate_both(
+def generate_reference_and_realigned(
     model,
     tokenizer,
     prompts: Sequence[Prompt],
@@ -128,8 +128,15 @@ def generate_both(
     progress: Progress | None = None,
     **generate_kwargs: Any,
 ) -> tuple[list[str], list[str], float, float]:
-    """(reference generations, realigned generations, reference seconds, realigned seconds):
-    :func:`generate_reference_and_policy` with the wall-clock seconds each model took."""
+    """(reference generations, realigned generations, reference seconds, realigned seconds) for
+    ``prompts``, the seconds being each model's wall-clock time.
+
+    For a peft LoRA model the reference is the same model with its adapter disabled, so one copy of
+    the weights serves both; after full fine-tuning pass the frozen reference as ``reference_model``
+    (TraceError otherwise). ``generate_kwargs`` go to :func:`generate` (the same settings for both
+    models). ``progress`` sees the reference's prompts and then the realigned model's, out of twice
+    their number.
+    """
     n = len(prompts)
 
     def offset(start: int) -> Progress | None:
@@ -141,26 +148,3 @@ def generate_both(
     t1 = time.perf_counter()
     realigned = generate(model, tokenizer, prompts, progress=offset(n), **generate_kwargs)
     return reference, realigned, t1 - t0, time.perf_counter() - t1
-
-
-def generate_reference_and_policy(
-    model,
-    tokenizer,
-    prompts: Sequence[Prompt],
-    *,
-    reference_model=None,
-    progress: Progress | None = None,
-    **generate_kwargs: Any,
-) -> tuple[list[str], list[str]]:
-    """(reference generations, realigned generations) for ``prompts``.
-
-    For a peft LoRA model the reference is the same model with its adapter disabled, so one copy of
-    the weights serves both; after full fine-tuning pass the frozen reference as ``reference_model``
-    (TraceError otherwise). ``generate_kwargs`` go to :func:`generate` (the same settings for both
-    models). ``progress`` sees the reference's prompts and then the realigned model's, out of twice
-    their number.
-    """
-    reference, realigned, _, _ = generate_both(
-        model, tokenizer, prompts, reference_model=reference_model, progress=progress, **generate_kwargs
-    )
-    return reference, realigned

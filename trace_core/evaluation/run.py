@@ -9,7 +9,7 @@ from typing import Any
 
 from trace_realign.core.data import Prompt
 from trace_realign.core.errors import DataError, TraceError
-from trace_realign.core.evaluation.generation import Progress, generate_both
+from trace_realign.core.evaluation.generation import Progress, generate_reference_and_realigned
 from trace_realign.core.evaluation.tpa import (
     DEFAULT_GROUP,
     group_name,
@@ -110,7 +110,7 @@ def evaluate_generations(
     if judge_accuracy is None:
         judge_accuracy = judge.held_out_accuracy
     n = len(prompts)
-    reference, realigned, ref_seconds, new_seconds = generate_both(
+    reference, realigned, ref_seconds, new_seconds = generate_reference_and_realigned(
         model,
         tokenizer,
         prompts,
