@@ -185,10 +185,9 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
         tags["trace.registered_model_name_requested"] = registered_from
     parent = c.create_run(exp, tags={k: tracking.tag_value(v) for k, v in tags.items()})
     pid = parent.info.run_id
-    training = cfg.section("training")
     # The crash switch is a property of this run, not of what training computes: keep it out of cache keys.
-    fail_at_step = training.pop("fail_at_step")
-    ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, pid, progress, fail_at_step)
+    training = cfg.training.model_dump(mode="json", exclude={"fail_at_step"})
+    ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, pid, progress, cfg.training.fail_at_step)
     run = ctx.as_dict()
     tracking.log_params(c, pid, {k: cfg.section(k) for k in ("model", "data", "triage", "weights", "training", "evaluation")})
     stages: dict[str, dict] = {}
