@@ -195,6 +195,20 @@ def test_ablation_switches_build_the_right_samples(tiny_tokenizer):
     corrected = build_samples(t, enc, use_corrections=True)
     assert corrected[1].kind == SampleKind.PREFER and decoded(corrected[1]) == ["fixed", "w2"]
     assert [s.kind for s in build_samples(t, enc, use_kl=False)] == [SampleKind.PREFER, SampleKind.PUNISH]
+    # No triage pushes down the rejected response of the relabelled pair: for INVERT the old winner
+    # (which the new policy rejects), never the old loser it now prefers; UNKNOWN has no relabelling.
     no_triage = build_samples(t, enc, use_triage=False)
-    assert [s.kind for s in no_triage] == [SampleKind.NEGATE] * 4
-    assert [decoded(s) for s in no_triage] == [["old loser"], ["l2"], ["l3"], ["l4"]]
+    assert [s.kind for s in no_triage] == [SampleKind.NEGATE] * 3
+    assert [decoded(s) for s in no_triage] == [["old winner"], ["l2"], ["l3"]]
+    assert [s.pair_id for s in no_triage] == [x.pair.pair_id for x in t[:3]]
+
+
+def test_no_triage_never_pushes_down_a_response_the_new_policy_prefers(tiny_tokenizer):
+    """A sibling case: every INVERT pair, whatever its texts, has its compliant old loser kept and
+    its violating old winner pushed down; the corrections switch does not change that."""
+    enc = Encoder(tiny_tokenizer, max_length=64)
+    inverts = [TriagedPair(PreferencePair.create(f"p{i}", f"violating {i}", f"compliant {i}"), TriageType.INVERT, False, True) for i in range(3)]
+    for corrections in (False, True):
+        samples = build_samples(inverts, enc, use_triage=False, use_corrections=corrections)
+        pushed = [tiny_tokenizer.decode(s.sequences[0].input_ids[s.sequences[0].response_start :]).replace("<|im_end|>", "") for s in samples]
+        assert pushed == ["violating 0", "violating 1", "violating 2"]

@@ -19,3 +19,14 @@ def test_counts():
     types = triage([False, False, True, None], [True, False, None, True])
     assert types == [TriageType.INVERT, TriageType.PUNISH, TriageType.RETAIN, TriageType.UNKNOWN]
     assert triage_counts(types) == {"invert": 1, "punish": 1, "retain": 1, "unknown": 1, "total": 4}
+
+
+def test_relabelled_swaps_invert_keeps_the_rest_and_has_nothing_for_unknown():
+    from trace_realign.core.data import PreferencePair
+    from trace_realign.core.triage import TriagedPair, TriageType, relabelled
+
+    pair = PreferencePair.create("q", "w", "l")
+    assert relabelled(TriagedPair(pair, TriageType.INVERT, False, True)) == ("l", "w")
+    assert relabelled(TriagedPair(pair, TriageType.PUNISH, False, False)) == ("w", "l")
+    assert relabelled(TriagedPair(pair, TriageType.RETAIN, True, True)) == ("w", "l")
+    assert relabelled(TriagedPair(pair, TriageType.UNKNOWN, None, True)) is None

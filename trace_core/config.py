@@ -68,7 +68,7 @@ class TriageConfig(Section):
     """Triage (arXiv 2511.02623, stage 1: every pair is INVERT, PUNISH or RETAIN under the new policy)."""
 
     corrections: bool = Field(False, description="PUNISH pairs train an oracle-written correction over y_w")
-    use_triage: bool = Field(True, description="false: the no-triage ablation (NPO on every old loser)")
+    use_triage: bool = Field(True, description="false: the no-triage ablation (NPO on the rejected response of every relabelled pair: the old winner of an INVERT pair, the old loser of the others)")
 
 
 class WeightsConfig(Section):

@@ -115,15 +115,20 @@ def build_samples(
     - INVERT: PREFER (y_l over y_w).
     - PUNISH: PUNISH (y_w, y_l); with ``use_corrections`` and a correction y_c: PREFER (y_c over y_w).
     - RETAIN: RETAIN (y_w), unless ``use_kl`` is off.
-    - ``use_triage=False`` (the authors' no-triage ablation): NEGATE (y_l) for every pair.
+    - ``use_triage=False`` (the no-triage ablation as the authors' code runs it, arXiv 2511.02623):
+      NEGATE on the rejected response of every pair after relabelling
+      (:func:`~trace_realign.core.triage.relabelled`): y_w for INVERT (the old winner, which the
+      new policy rejects), y_l for PUNISH and RETAIN; no RETAIN term.
     """
-    from trace_realign.core.triage import TriageType
+    from trace_realign.core.triage import TriageType, relabelled
 
     out: list[Sample] = []
     for t in triaged:
         p = t.pair
         if not use_triage:
-            out.append(Sample(p.pair_id, SampleKind.NEGATE, (encoder.sequence(p.prompt, p.rejected),)))
+            pair = relabelled(t)
+            if pair is not None:
+                out.append(Sample(p.pair_id, SampleKind.NEGATE, (encoder.sequence(p.prompt, pair[1]),)))
         elif t.type is TriageType.INVERT:
             seqs = (encoder.sequence(p.prompt, p.rejected), encoder.sequence(p.prompt, p.chosen))
             out.append(Sample(p.pair_id, SampleKind.PREFER, seqs))

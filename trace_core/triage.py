@@ -71,6 +71,16 @@ class TriagedPair:
     correction: str | None = None
 
 
+def relabelled(t: TriagedPair) -> tuple[str, str] | None:
+    """(chosen, rejected) of a pair relabelled by its verdicts: an INVERT pair swapped (its old loser
+    now wins), a PUNISH or RETAIN pair as it was; None for UNKNOWN (no verdict to relabel by)."""
+    if t.type is TriageType.UNKNOWN:
+        return None
+    if t.type is TriageType.INVERT:
+        return t.pair.rejected, t.pair.chosen
+    return t.pair.chosen, t.pair.rejected
+
+
 def triage_pairs(
     pairs: Sequence[PreferencePair],
     chosen_compliant: Sequence[bool | None],
