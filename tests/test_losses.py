@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trace_realign.core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo, retain_kl
+from trace_realign.core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo, retain_kl, robust_dpo_loss
 
 # The hand-computed example: chosen -12, rejected -15, ref chosen -13, ref rejected -14, beta 0.1.
 PC, PR, RC, RR, BETA = -12.0, -15.0, -13.0, -14.0, 0.1
@@ -17,6 +17,7 @@ def t(*v):
 def test_hand_computed_values():
     pc, pr, rc, rr = t(PC), t(PR), t(RC), t(RR)
     assert dpo_loss(pc, pr, rc, rr, BETA).item() == pytest.approx(0.5981388694, abs=1e-6)
+    assert robust_dpo_loss(pc, pr, rc, rr, BETA, 0.1).item() == pytest.approx(0.5731388694, abs=1e-6)
     assert npo_loss(pr, rr, BETA).item() == pytest.approx(12.8879332015, abs=1e-6)
     assert punish_loss(pc, pr, rc, rr, BETA).item() == pytest.approx(1.3887933201, abs=1e-6)
     # The NPO-paper scale multiplies each term by 2 / beta = 20.
@@ -33,6 +34,7 @@ def test_shapes_are_per_sample_without_reduction():
     b = 5
     x = torch.randn(4, b, dtype=torch.float64)
     assert dpo_loss(*x, 0.3).shape == (b,)
+    assert robust_dpo_loss(*x, 0.3, 0.2).shape == (b,)
     assert npo_loss(x[0], x[1], 0.3).shape == (b,)
     assert punish_loss(*x, 0.3).shape == (b,)
     ref = torch.randn(b, 7, 11)
@@ -50,6 +52,11 @@ def test_gradients_equal_the_written_formulas():
     # d/d pc [-log sig(beta Delta)] = -beta sig(-beta Delta); d/d pr = +beta sig(-beta Delta)
     assert g_c.item() == pytest.approx(-beta * _sig(-beta * delta), rel=1e-12)
     assert g_r.item() == pytest.approx(beta * _sig(-beta * delta), rel=1e-12)
+
+    eps = 0.1
+    (g_c,) = torch.autograd.grad(robust_dpo_loss(pc, pr, rc, rr, beta, eps), [pc])
+    expected = ((1 - eps) * -beta * _sig(-beta * delta) - eps * beta * _sig(beta * delta)) / (1 - 2 * eps)
+    assert g_c.item() == pytest.approx(expected, rel=1e-12)
 
     r_r = PR - RR
     (g,) = torch.autograd.grad(npo_loss(pr, rr, beta), [pr])
@@ -71,6 +78,12 @@ def test_gradients_match_autograd_of_formula_on_random_batches():
     assert torch.allclose(ours, formula)
     for a, b in zip(torch.autograd.grad(ours.sum(), x), torch.autograd.grad(formula.sum(), x)):
         assert torch.allclose(a, b)
+
+
+def test_robust_dpo_rejects_bad_epsilon():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError):
+        robust_dpo_loss(x, x, x, x, 0.1, 0.5)
 
 
 def test_retain_kl_hand_value_and_mask():

@@ -124,6 +124,13 @@ class ReferenceTrainingConfig(Section):
         "trace", description="PUNISH loss: trace (the authors' dual form) or npo (NPO's 2/beta scale, arXiv 2404.05868)"
     )
     use_kl: bool = Field(True, description="false: the no-KL ablation (no RETAIN samples)")
+    method: Literal["trace", "naive_relabel_dpo", "robust_dpo", "npo"] = Field(
+        "trace",
+        description="the objective: trace; naive_relabel_dpo (DPO on the relabelled INVERT and RETAIN pairs, PUNISH dropped); "
+        "robust_dpo (the same pairs, Robust DPO with robust_epsilon); npo (NPO on every response the oracle found violating). "
+        "The baselines train with uniform weights and no RETAIN term",
+    )
+    robust_epsilon: float = Field(0.1, ge=0, lt=0.5, description="robust_dpo's assumed label-flip rate (arXiv 2403.00409)")
 
     @model_validator(mode="after")
     def _prompt_fits(self):

@@ -1,5 +1,5 @@
 """Per-sample losses of TRACE (arXiv 2511.02623, stage 2: the INVERT, PUNISH and RETAIN terms) and
-NPO (Zhang et al., arXiv 2404.05868).
+of its baselines: Robust DPO (Chowdhury et al., arXiv 2403.00409) and NPO (Zhang et al., arXiv 2404.05868).
 
 Every function returns a tensor of shape [B] with no reduction. Log-probabilities are sums over
 response tokens; ``r(y) = log p_theta(y|x) - log p_ref(y|x)`` and
@@ -24,6 +24,21 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     """
     delta = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -F.logsigmoid(beta * delta)
+
+
+def robust_dpo_loss(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, epsilon
+):
+    """Robust DPO (Chowdhury et al., arXiv 2403.00409) for a label-flip rate ``epsilon`` in [0, 0.5):
+
+    ``[(1 - eps) * L_DPO(y_w, y_l) - eps * L_DPO(y_l, y_w)] / (1 - 2 eps)``.
+    """
+    if not 0.0 <= epsilon < 0.5:
+        raise ValueError(f"robust_dpo_loss: epsilon must be in [0, 0.5), got {epsilon}")
+    delta = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    forward = -F.logsigmoid(beta * delta)
+    backward = -F.logsigmoid(-beta * delta)
+    return ((1.0 - epsilon) * forward - epsilon * backward) / (1.0 - 2.0 * epsilon)
 
 
 def npo_loss(policy_logps, ref_logps, beta):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 
-from trace_realign.core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo
+from trace_realign.core.losses import dpo_loss, npo_loss, punish_loss, punish_loss_npo, robust_dpo_loss
 from trace_realign.core.tokenization import EncodedSequence
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from trace_realign.core.triage import TriagedPair
 
 PunishForm = Literal["trace", "npo"]
+Method = Literal["trace", "naive_relabel_dpo", "robust_dpo", "npo"]
 
 
 class SampleKind(IntEnum):
@@ -59,15 +60,20 @@ def conflict_losses(
     ref_logps: torch.Tensor,
     beta: float,
     punish_form: PunishForm = "trace",
+    robust_epsilon: float | None = None,
 ) -> torch.Tensor:
     """Per-sample losses [S] of the conflict kinds (PREFER, PUNISH, NEGATE); 0 for RETAIN.
 
     ``policy_logps`` and ``ref_logps`` are [S, 2]: the summed response log-probs of each sample's
-    first and second sequence (the second is unused for one-sequence kinds).
+    first and second sequence (the second is unused for one-sequence kinds). PREFER is DPO, or
+    Robust DPO (arXiv 2403.00409) with flip rate ``robust_epsilon`` when one is given.
     """
-    pa, pb = policy_logps[:, 0], policy_logps[:, 1]
-    ra, rb = ref_logps[:, 0], ref_logps[:, 1]
-    prefer = dpo_loss(pa, pb, ra, rb, beta)
+    pa, pb = policy_logps[:, 0], policy_logps[:, 1]  # [S] each
+    ra, rb = ref_logps[:, 0], ref_logps[:, 1]  # [S] each
+    if robust_epsilon is None:
+        prefer = dpo_loss(pa, pb, ra, rb, beta)
+    else:
+        prefer = robust_dpo_loss(pa, pb, ra, rb, beta, robust_epsilon)
     if punish_form == "trace":
         punish = punish_loss(pa, pb, ra, rb, beta)
         # The authors' scale: one term of the dual form, -log sigmoid(-beta r(y)), i.e. NPO without 2/beta.
@@ -109,8 +115,18 @@ def build_samples(
     use_triage: bool = True,
     use_kl: bool = True,
     use_corrections: bool = False,
+    method: Method = "trace",
 ) -> list[Sample]:
-    """The samples of the TRACE objective for triaged pairs (UNKNOWN pairs are left out).
+    """The samples of ``method``'s objective for triaged pairs (UNKNOWN pairs are left out).
+
+    The baselines (``use_triage``, ``use_kl`` and ``use_corrections`` do not apply to them):
+
+    - ``naive_relabel_dpo`` and ``robust_dpo`` (arXiv 2511.02623's naive relabelling baseline, and
+      Robust DPO over the same pairs): PREFER on every INVERT and RETAIN pair relabelled
+      (:func:`~trace_realign.core.triage.relabelled`), PUNISH pairs dropped.
+    - ``npo`` (arXiv 2404.05868): NEGATE on every response the oracle judged violating.
+
+    TRACE (arXiv 2511.02623, stage 1 and 2):
 
     - INVERT: PREFER (y_l over y_w).
     - PUNISH: PUNISH (y_w, y_l); with ``use_corrections`` and a correction y_c: PREFER (y_c over y_w).
@@ -122,6 +138,8 @@ def build_samples(
     """
     from trace_realign.core.triage import TriageType, relabelled
 
+    if method != "trace":
+        return baseline_samples(triaged, encoder, method)
     out: list[Sample] = []
     for t in triaged:
         p = t.pair
@@ -141,4 +159,26 @@ def build_samples(
                 out.append(Sample(p.pair_id, SampleKind.PUNISH, seqs))
         elif t.type is TriageType.RETAIN and use_kl:
             out.append(Sample(p.pair_id, SampleKind.RETAIN, (encoder.sequence(p.prompt, p.chosen),)))
+    return out
+
+
+def baseline_samples(triaged: Sequence["TriagedPair"], encoder: "Encoder", method: Method) -> list[Sample]:
+    """The samples of a baseline ``method`` (see :func:`build_samples`). Raises ValueError for an
+    unknown method or for ``trace``."""
+    from trace_realign.core.triage import TriageType, relabelled
+
+    out: list[Sample] = []
+    for t in triaged:
+        p = t.pair
+        if method in ("naive_relabel_dpo", "robust_dpo"):
+            pair = relabelled(t)
+            if pair is not None and t.type is not TriageType.PUNISH:
+                seqs = (encoder.sequence(p.prompt, pair[0]), encoder.sequence(p.prompt, pair[1]))
+                out.append(Sample(p.pair_id, SampleKind.PREFER, seqs))
+        elif method == "npo":
+            for response, compliant in ((p.chosen, t.chosen_compliant), (p.rejected, t.rejected_compliant)):
+                if compliant is False:
+                    out.append(Sample(p.pair_id, SampleKind.NEGATE, (encoder.sequence(p.prompt, response),)))
+        else:
+            raise ValueError(f"unknown baseline method '{method}' (use naive_relabel_dpo, robust_dpo or npo)")
     return out

@@ -4,7 +4,7 @@ From the triaged pairs: the training samples, the gold batch, ``g_F``, the exact
 and weight of every conflict sample, and the reference log-probs the losses need, the last two
 from one shared batched pass (arXiv 2511.02623, stage 2, the alignment impact score). The
 weights table (:data:`WEIGHTS_SCHEMA`) carries them to training, which rebuilds the same samples
-and joins them back by ``pair_id`` (:func:`training_samples`).
+and joins them back in sample order (:func:`training_samples`).
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def encoder_for(tokenizer, training: ReferenceTrainingConfig) -> Encoder:
 def samples_for(
     triaged: Sequence[TriagedPair], encoder: Encoder, training: ReferenceTrainingConfig, triage: TriageConfig
 ) -> list[Sample]:
-    """The samples of the TRACE objective for ``triaged``, with the ablation switches of the config."""
+    """The samples of ``training.method``'s objective for ``triaged``, with the ablation switches of the config."""
     return build_samples(
-        triaged, encoder, use_triage=triage.use_triage, use_kl=training.use_kl, use_corrections=triage.corrections
-    )
+        triaged, encoder, use_triage=triage.use_triage, use_kl=training.use_kl, use_corrections=triage.corrections,
+        method=training.method,
+    )  # fmt: skip
 
 
 def compliant_pool(triaged: Sequence[TriagedPair]) -> list[str]:
@@ -121,7 +122,8 @@ def run_reference_stage(
 
     gold: list[GoldPair] = []
     scores: dict[str, float] = {}
-    if weights.enabled and conflict:
+    # The baselines train with uniform weights: impact weighting is TRACE's.
+    if weights.enabled and conflict and training.method == "trace":
         if user_gold:
             gold = list(user_gold)
         else:
@@ -229,18 +231,21 @@ def training_samples(
     weights: pa.Table,
     where: str = "weights table",
 ) -> list[Sample]:
-    """The reference stage's samples again, each with its weight and reference log-probs joined
-    from ``weights`` (a :data:`WEIGHTS_SCHEMA` table) by ``pair_id``.
+    """The reference stage's samples again, each with its weight and reference log-probs from
+    ``weights`` (a :data:`WEIGHTS_SCHEMA` table, one row per sample in sample order: a pair can
+    give several samples, as under the npo baseline).
 
-    Raises TraceError naming ``where`` when a sample has no row (the table is from other pairs or
-    other settings).
+    Raises TraceError naming ``where`` when the rows are not these samples (the table is from
+    other pairs or other settings).
     """
-    table = {r["pair_id"]: r for r in weights.to_pylist()}
+    rows = weights.to_pylist()
     samples = samples_for(triaged, encoder_for(tokenizer, training), training, triage)
-    try:
-        return [
-            replace(s, weight=table[s.pair_id]["weight"], ref_logps=(table[s.pair_id]["ref_logp_a"], table[s.pair_id]["ref_logp_b"]))
-            for s in samples
-        ]
-    except KeyError as exc:
-        raise TraceError(f"{where}: no weight for pair {exc.args[0]}; rerun with --fresh reference") from None
+    if len(rows) != len(samples):
+        raise TraceError(f"{where}: {len(rows)} rows for {len(samples)} samples; rerun with --fresh reference")
+    for i, (row, sample) in enumerate(zip(rows, samples)):
+        if (row["pair_id"], row["kind"]) != (sample.pair_id, sample.kind.name.lower()):
+            raise TraceError(
+                f"{where}: row {i} is pair {row['pair_id']} ({row['kind']}), not this run's sample {i} "
+                f"(pair {sample.pair_id}, {sample.kind.name.lower()}); rerun with --fresh reference"
+            )
+    return [replace(s, weight=r["weight"], ref_logps=(r["ref_logp_a"], r["ref_logp_b"])) for s, r in zip(samples, rows)]

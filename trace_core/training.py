@@ -98,16 +98,20 @@ class FailAtStep(TrainerCallback):
 class TraceTrainer(Trainer):
     """A transformers ``Trainer`` whose loss is the weighted TRACE objective over mixed batches.
 
-    ``beta``, ``alpha_kl`` and ``punish_form`` are the loss's parameters (:class:`TrainingConfig`);
+    ``beta``, ``alpha_kl``, ``punish_form`` and ``robust_epsilon`` (None: DPO for PREFER samples;
+    a flip rate: Robust DPO, the robust_dpo baseline) are the loss's parameters (:class:`TrainingConfig`);
     ``ref_model`` is the frozen reference under full fine-tuning (None: a LoRA model is its own
     reference with the adapter disabled). The parts of the loss are added to the logged values.
     """
 
-    def __init__(self, *args, beta: float, alpha_kl: float, punish_form: PunishForm, ref_model=None, **kwargs):
+    def __init__(
+        self, *args, beta: float, alpha_kl: float, punish_form: PunishForm, robust_epsilon: float | None = None, ref_model=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.beta = beta
         self.alpha_kl = alpha_kl
         self.punish_form = punish_form
+        self.robust_epsilon = robust_epsilon
         self.ref_model = ref_model
         self.loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let Trainer divide by GA steps
         self._components: dict[str, list[float]] = defaultdict(list)
@@ -130,7 +134,7 @@ class TraceTrainer(Trainer):
         n = kinds.shape[0]
         logits = forward_logits(model, batch)  # [R, T, V]
         policy = gather_pairs(response_logps(logits, batch), inputs["row_sample"], inputs["row_slot"], n)  # [S, 2]
-        conflict = conflict_losses(kinds, policy, inputs["ref_logps"], self.beta, self.punish_form)  # [S], 0 for RETAIN
+        conflict = conflict_losses(kinds, policy, inputs["ref_logps"], self.beta, self.punish_form, self.robust_epsilon)  # [S], 0 for RETAIN
         total = (weights * conflict).sum()  # []
         retain_rows = (kinds[inputs["row_sample"]] == SampleKind.RETAIN).nonzero().squeeze(-1)  # [K] rows of RETAIN samples
         kl = None
@@ -262,6 +266,7 @@ def train(
         beta=training.beta,
         alpha_kl=training.alpha_kl,
         punish_form=training.punish_form,
+        robust_epsilon=training.robust_epsilon if training.method == "robust_dpo" else None,
         ref_model=ref_model,
         callbacks=[*callbacks, *([FailAtStep(fail_at_step)] if fail_at_step is not None else [])],
     )
