@@ -59,7 +59,7 @@ def start(folder: Path, interval: float) -> tuple[subprocess.Popen, Path, Path]:
             f"data.path={ROOT / 'data' / 'smoke' / 'pairs.jsonl'}", f"policy.path={policy}"]
     driver = (
         "import argparse, sys\nfrom trace_realign.flows.watch import cmd_watch\n"
-        f"sys.exit(cmd_watch(argparse.Namespace(config={str(SMOKE_CONFIG)!r}, set={sets!r}, "
+        f"sys.exit(cmd_watch(argparse.Namespace(config={str(SMOKE_CONFIG)!r}, set={sets!r}, preset=[], "
         f"interval={interval!r}, cron=None, server=None, until='load')))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}

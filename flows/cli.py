@@ -73,7 +73,7 @@ def _print_summary(manifest: dict) -> None:
 def cmd_run(args) -> int:
     from trace_realign.flows.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.preset)
     from trace_realign.flows.preflight import preflight
     from trace_realign.flows.workdir import workdir_lock
 
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the realign flow once on the embedded local Prefect server")
     run.add_argument("--config", required=True)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    run.add_argument("--preset", action="append", default=[], metavar="NAME", help="lay a preset's settings over the config (paper: the authors' settings)")
     run.add_argument("--until", default="evaluate", choices=STAGES, help="stop after this stage")
     run.add_argument("--fresh", action="append", default=[], choices=STAGES, help="recompute this stage and what follows")
     run.add_argument(
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="serve deployments that realign whenever the policy changes")
     watch.add_argument("--config", required=True)
     watch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    watch.add_argument("--preset", action="append", default=[], metavar="NAME")
     watch.add_argument("--interval", type=float, default=60.0, help="seconds between policy checks")
     watch.add_argument("--cron", default=None, help="also realign on this schedule")
     watch.add_argument("--server", default=None, help="Prefect API URL of a running server; default: start one")

@@ -86,6 +86,35 @@ def shipped_config(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def _read_preset(name: str) -> dict:
+    """A preset's sections: ``configs/presets/<name>.yaml`` as shipped, or a YAML file."""
+    path = Path(name) if Path(name).is_file() else SHIPPED_ROOT / "configs" / "presets" / f"{name}.yaml"
+    if "/" not in name and not path.is_file():
+        shipped = sorted(p.stem for p in (SHIPPED_ROOT / "configs" / "presets").glob("*.yaml"))
+        raise ConfigError(f"--preset {name}: no such preset (shipped presets: {', '.join(shipped)})")
+    if not path.is_file():
+        raise ConfigError(f"--preset {name}: file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"--preset {name}: invalid YAML in {path}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--preset {name}: {path} must be a mapping of sections")
+    return tree
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` for every non-mapping value of ``tree`` (a preset sets single settings,
+    so a config's other settings in the same section stay)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
     keys = dotted.split(".")
     node = tree
@@ -113,11 +142,13 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, presets: Sequence[str] = ()) -> PipelineConfig:
     """Read, override and validate a config file; problems raise one-line ConfigError naming the setting.
 
     ``path`` is a YAML file, or the name of a config shipped with the package (``demo``, ``smoke``).
     Relative input paths written in the file are looked up beside it first (see the module docstring).
+    ``presets`` (a shipped name such as ``paper``, or a YAML file of sections) are laid over the
+    file's settings in order, and ``overrides`` over them.
     """
     p = Path(path)
     if not p.is_file():
@@ -133,6 +164,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: invalid YAML{at}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections")
+    for preset in presets:
+        for key, value in _leaves(_read_preset(preset)):
+            _set(tree, key, value, f"--preset {preset}")
     parsed = parse_overrides(overrides)
     for key, value in parsed:
         _set(tree, key, value, str(path))

@@ -667,7 +667,7 @@ def cmd_watch(args) -> int:
     from trace_realign.flows.stages import STAGES
     from trace_realign.flows.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set, args.preset)
     if not args.interval > 0:
         raise ConfigError(f"--interval {args.interval:g}: must be a positive number of seconds")
     until = getattr(args, "until", None) or "evaluate"

@@ -82,3 +82,29 @@ def test_an_unknown_config_name_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_config("dmeo")
     assert str(err.value) == "dmeo: config file not found (configs shipped with the package: demo, smoke)"
+
+
+def test_the_paper_preset_sets_the_authors_settings_over_the_demo_and_set_still_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    demo = load_config("demo")
+    assert (demo.training.learning_rate, demo.training.alpha_kl, demo.training.warmup_steps) == (5e-4, 1.0, 8)
+    paper = load_config("demo", presets=["paper"])
+    t = paper.training
+    assert (t.beta, t.alpha_kl, t.learning_rate, t.lr_scheduler, t.warmup_steps, t.num_train_epochs) == (0.3, 0.1, 1e-4, "cosine", 100, 1.0)
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout, t.lora.target_modules) == (32, 16, 0.1, ["q_proj", "v_proj"])
+    assert t.weight_normalization == "sum" and t.max_steps == -1
+    # Settings the preset does not name stay the config's; --set is laid over the preset.
+    assert t.max_length == demo.training.max_length and t.per_device_batch_size == demo.training.per_device_batch_size
+    assert load_config("demo", ["training.warmup_steps=3"], ["paper"]).training.warmup_steps == 3
+
+
+def test_a_preset_file_and_an_unknown_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("training: {beta: 0.5}\n")
+    assert load_config("smoke", presets=[str(tmp_path / "mine.yaml")]).training.beta == 0.5
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", presets=["papr"])
+    assert str(err.value) == "--preset papr: no such preset (shipped presets: paper)"
+    (tmp_path / "bad.yaml").write_text("training: {betta: 0.5}\n")
+    with pytest.raises(ConfigError, match="betta"):
+        load_config("smoke", presets=[str(tmp_path / "bad.yaml")])

@@ -268,7 +268,7 @@ def start_watch(tmp_path: Path, policy: Path, model: Path, server: str | None, i
         f"""
         import argparse, sys
         from trace_realign.flows.watch import cmd_watch
-        args = argparse.Namespace(config={str(REPO / 'configs' / 'smoke.yaml')!r}, set={smoke_args(tmp_path, policy, model)!r},
+        args = argparse.Namespace(config={str(REPO / 'configs' / 'smoke.yaml')!r}, set={smoke_args(tmp_path, policy, model)!r}, preset=[],
                                   interval={interval!r}, cron=None, server={server!r}, until="load")
         sys.exit(cmd_watch(args))
         """
