@@ -277,6 +277,14 @@ def test_smoke_config_runs_the_whole_dag_from_the_cli(tmp_path):
     assert {"tpa_before", "tpa_after", "utility_ratio", "judge_accuracy"} <= set(evaluation["metrics"])
     rows = pq.read_table(evaluation["artifacts"]["generations"]["path"]).to_pylist()
     assert rows and all(r["group"] in ("invert", "punish", "retain") for r in rows)
+    # Degeneration, recomputed from the stored generations.
+    from trace_realign.core.evaluation import distinct_n, seq_rep_n
+
+    for side, key in (("before", "reference_response"), ("after", "realigned_response")):
+        texts = [r[key] for r in rows]
+        for name, value in (("seq_rep_4", seq_rep_n(texts, 4)), ("distinct_2", distinct_n(texts, 2))):
+            assert evaluation["metrics"].get(f"{name}_{side}") == (None if value is None else pytest.approx(value))
+    assert "distinct_2" in proc.stdout
     counts = manifest["stages"]["triage"]["metrics"]
     assert min(counts["triage_invert"], counts["triage_punish"], counts["triage_retain"]) >= 0.15 * counts["triage_total"]
     shown = cli(["show", "--workdir", str(work)], ROOT)

@@ -19,11 +19,14 @@ The pipeline's evaluation stage calls these functions; they import neither Prefe
   verdicts.
 * ``run`` -- :func:`evaluate_generations` -> :class:`EvaluationResult`: generation and judging of
   held-out prompts, with TPA before and after.
+* ``degeneration`` -- :func:`seq_rep_n`, :func:`distinct_n`: repetition within a generation and
+  diversity across generations.
 * ``report`` -- :func:`evaluation_prompts`, :func:`evaluate_realignment` ->
   :class:`RealignmentReport`: the evaluation stage's whole computation (generations, utility proxy,
   agreement with hand labels) and its report; :data:`GENERATIONS_SCHEMA`, the generations table.
 """
 
+from trace_realign.core.evaluation.degeneration import distinct_n, seq_rep_n
 from trace_realign.core.evaluation.generation import Progress, generate, generate_reference_and_realigned
 from trace_realign.core.evaluation.judge import judge_for_generations, local_judge_from_verdicts
 from trace_realign.core.evaluation.labels import (
@@ -41,6 +44,7 @@ __all__ = [
     "GENERATIONS_SCHEMA",
     "EvaluationResult",
     "RealignmentReport",
+    "distinct_n",
     "LabelledResponse",
     "Progress",
     "evaluate_generations",
@@ -56,6 +60,7 @@ __all__ = [
     "local_judge_from_verdicts",
     "response_nll",
     "response_perplexity",
+    "seq_rep_n",
     "significant_improvement",
     "target_policy_agreement",
     "tpa_by_group",

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from trace_realign.core.data import PreferencePair, Prompt, canonical_json, load_prompts
 from trace_realign.core.errors import DataError
+from trace_realign.core.evaluation.degeneration import distinct_n, seq_rep_n
 from trace_realign.core.evaluation.generation import Progress
 from trace_realign.core.evaluation.labels import LabelledResponse, judge_on_labels, labelled_tpa
 from trace_realign.core.evaluation.run import evaluate_generations
@@ -49,8 +50,9 @@ class RealignmentReport:
 
     metrics: flat numbers for a tracker (:class:`~trace_realign.core.evaluation.run.EvaluationResult`'s,
         plus utility_ratio, perplexity_reference, perplexity_realigned, judge_accuracy, judge_kappa,
-        judge_labelled_accuracy, judge_labelled_n, labelled_coverage_{before,after} and
-        labelled_tpa_{before,after} where they apply), wall-clock seconds included.
+        judge_labelled_accuracy, judge_labelled_n, labelled_coverage_{before,after},
+        labelled_tpa_{before,after}, and the degeneration measures seq_rep_4_{before,after} and
+        distinct_2_{before,after} where they apply), wall-clock seconds included.
     rows: the generations table's rows (:data:`GENERATIONS_SCHEMA`).
     report: the JSON report: metrics without wall-clock seconds (the same work gives the same
         bytes), by_group, judge, judge_report (the judge's held-out report), labelled.
@@ -136,6 +138,11 @@ def evaluate_realignment(
             metrics[f"labelled_coverage_{side}"] = found["coverage"]
             if found["tpa"] is not None:
                 metrics[f"labelled_tpa_{side}"] = found["tpa"]
+    for side, key in (("before", "reference_response"), ("after", "realigned_response")):
+        texts = [r[key] for r in result.rows]
+        for name, value in (("seq_rep_4", seq_rep_n(texts, 4)), ("distinct_2", distinct_n(texts, 2))):
+            if value is not None:
+                metrics[f"{name}_{side}"] = value
     rows = [{**r, "prompt": r["prompt"] if isinstance(r["prompt"], str) else canonical_json(r["prompt"])} for r in result.rows]
     measured = {k: v for k, v in metrics.items() if "seconds" not in k}
     report = {"metrics": measured, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report, "labelled": labelled}
