@@ -77,29 +77,29 @@ class PipelineConfig(Section):
         return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def shipped_config(name: str) -> Path | None:
-    """The shipped config called ``name`` (``demo``, ``smoke``, or ``demo.yaml``), else None."""
+def _locate(name: str, folder: Path, missing: str) -> Path:
+    """The YAML file ``name``, else the shipped ``folder/<name>.yaml`` (``name`` with or without
+    ``.yaml``); else ConfigError ``missing`` with ``{names}`` filled by the shipped names."""
+    path = Path(name)
+    if path.is_file():
+        return path
     stem = name[:-5] if name.endswith(".yaml") else name
-    if not stem or "/" in stem or "\\" in stem:
-        return None
-    path = SHIPPED_ROOT / "configs" / f"{stem}.yaml"
-    return path if path.is_file() else None
+    shipped = folder / f"{stem}.yaml"
+    if stem and "/" not in stem and "\\" not in stem and shipped.is_file():
+        return shipped
+    raise ConfigError(missing.format(names=", ".join(sorted(p.stem for p in folder.glob("*.yaml")))))
 
 
-def _read_preset(name: str) -> dict:
-    """A preset's sections: ``configs/presets/<name>.yaml`` as shipped, or a YAML file."""
-    path = Path(name) if Path(name).is_file() else SHIPPED_ROOT / "configs" / "presets" / f"{name}.yaml"
-    if "/" not in name and not path.is_file():
-        shipped = sorted(p.stem for p in (SHIPPED_ROOT / "configs" / "presets").glob("*.yaml"))
-        raise ConfigError(f"--preset {name}: no such preset (shipped presets: {', '.join(shipped)})")
-    if not path.is_file():
-        raise ConfigError(f"--preset {name}: file not found")
+def _read_sections(path: Path, where: str) -> dict:
+    """A YAML file of sections; invalid YAML or another shape is one ConfigError naming ``where``."""
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"--preset {name}: invalid YAML in {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}: invalid YAML{at}") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"--preset {name}: {path} must be a mapping of sections")
+        raise ConfigError(f"{where}: the config must be a mapping of sections")
     return tree
 
 
@@ -150,22 +150,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, presets: S
     ``presets`` (a shipped name such as ``paper``, or a YAML file of sections) are laid over the
     file's settings in order, and ``overrides`` over them.
     """
-    p = Path(path)
-    if not p.is_file():
-        shipped = shipped_config(str(path))
-        if shipped is None:
-            raise ConfigError(f"{path}: config file not found (configs shipped with the package: demo, smoke)")
-        p = shipped
-    try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{at}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of sections")
+    p = _locate(str(path), SHIPPED_ROOT / "configs", f"{path}: config file not found (configs shipped with the package: {{names}})")
+    tree = _read_sections(p, str(path))
     for preset in presets:
-        for key, value in _leaves(_read_preset(preset)):
+        found = _locate(preset, SHIPPED_ROOT / "configs" / "presets", f"--preset {preset}: no such preset (shipped presets: {{names}})")
+        for key, value in _leaves(_read_sections(found, f"--preset {preset}")):
             _set(tree, key, value, f"--preset {preset}")
     parsed = parse_overrides(overrides)
     for key, value in parsed:

