@@ -1,6 +1,7 @@
 """``trace-realign``: the command-line interface.
 
     trace-realign run --config F [--set k=v ...] [--until STAGE] [--fresh STAGE]
+    trace-realign compare --config F --methods trace,naive_relabel_dpo [--seeds N]
     trace-realign prepare-model NAME
     trace-realign show [--workdir DIR]
     trace-realign ui [--workdir DIR] [--port N]
@@ -70,42 +71,67 @@ def _print_summary(manifest: dict) -> None:
     print(f"browse runs: trace-realign ui --workdir {manifest['config']['run']['workdir']}")
 
 
-def cmd_run(args) -> int:
+def _in_workdir(args, command: str, run_flow) -> int:
+    """Load and check the config, then, holding its working folder's lock with Prefect's local
+    server kept there, call ``run_flow(cfg)``; a local server that does not start is one line."""
     from trace_realign.flows.config import load_config
 
     cfg = load_config(args.config, args.set, args.preset)
+    from trace_realign.core.assets import KNOWN_MODELS, is_prepared
+    from trace_realign.core.errors import TraceError
     from trace_realign.flows.preflight import preflight
     from trace_realign.flows.workdir import workdir_lock
 
     preflight(cfg)
     # The lock comes first: Prefect's local server keeps its database in the working folder.
-    with workdir_lock(cfg.run.workdir, f"trace-realign run {cfg.run.name!r}"):
+    with workdir_lock(cfg.run.workdir, f"trace-realign {command} {cfg.run.name!r}"):
         os.environ.update(prefect_environment(cfg.run.workdir, args.verbose))
-        return _run_locked(cfg, args)
+        if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
+            print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", flush=True)
+        _quiet_libraries()
+        try:
+            return run_flow(cfg)
+        except RuntimeError as exc:
+            if "ephemeral Prefect API server" not in str(exc):
+                raise
+            raise TraceError(
+                f"Prefect's local server did not answer within {os.environ[SERVER_STARTUP_SETTING]} s "
+                f"({SERVER_STARTUP_SETTING}): raise it on a busy machine, or set PREFECT_API_URL to a running server"
+            ) from None
 
 
-def _run_locked(cfg, args) -> int:
-    from trace_realign.core.assets import KNOWN_MODELS, is_prepared
-    from trace_realign.core.errors import TraceError
+def cmd_run(args) -> int:
+    def run_flow(cfg) -> int:
+        from trace_realign.flows.realign import realign
 
-    if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
-        print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", flush=True)
-    _quiet_libraries()
-    from trace_realign.flows.realign import realign
-
-    try:
         manifest = realign(
             cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress, rejudge=args.rejudge
         )
-    except RuntimeError as exc:
-        if "ephemeral Prefect API server" not in str(exc):
-            raise
-        raise TraceError(
-            f"Prefect's local server did not answer within {os.environ[SERVER_STARTUP_SETTING]} s "
-            f"({SERVER_STARTUP_SETTING}): raise it on a busy machine, or set PREFECT_API_URL to a running server"
-        ) from None
-    _print_summary(manifest)
-    return 0
+        _print_summary(manifest)
+        return 0
+
+    return _in_workdir(args, "run", run_flow)
+
+
+def cmd_compare(args) -> int:
+    from trace_realign.flows.compare import check_methods
+
+    check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+
+    def run_flow(cfg) -> int:
+        from trace_realign.flows.compare import compare
+
+        out = compare(
+            cfg.model_dump(mode="json"), [m.strip() for m in args.methods.split(",") if m.strip()], seeds=args.seeds,
+            equal_steps=args.steps == "equal", progress=not args.no_progress,
+        )
+        print()
+        print(out["markdown"])
+        print(f"comparison: {out['manifest_path']}")
+        print(f"browse runs: trace-realign ui --workdir {cfg.run.workdir}")
+        return 0
+
+    return _in_workdir(args, "compare", run_flow)
 
 
 def cmd_prepare_model(args) -> int:
@@ -188,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
     run.set_defaults(func=cmd_run)
+    comp = sub.add_parser("compare", help="realign with several methods (and seeds) on the same data and compare them in one table")
+    comp.add_argument("--config", required=True)
+    comp.add_argument("--methods", required=True, help="comma-separated: trace,naive_relabel_dpo,robust_dpo,npo,...")
+    comp.add_argument("--seeds", type=int, default=1, help="seeds per method (run.seed, run.seed+1, ...); 2 or more give 95%% intervals")
+    comp.add_argument(
+        "--steps", choices=("equal", "config"), default="equal",
+        help="equal: every method trains for the first method's optimizer steps (default); config: as each method's samples give",
+    )
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    comp.add_argument("--preset", action="append", default=[], metavar="NAME")
+    comp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    comp.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
+    comp.set_defaults(func=cmd_compare)
     prep = sub.add_parser("prepare-model", help="prepare a known model once (smollm2-135m-instruct, smollm2-135m-instruct-old-policy, tiny-random)")
     prep.add_argument("name")
     prep.add_argument("--cache-dir", default=None)

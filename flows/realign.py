@@ -130,7 +130,7 @@ def _run(task, stage: str, fresh: set[str], record: dict, recompute_if=_missing,
 @flow(name="realign", log_prints=True)
 def realign(
     config: dict, until: str = "evaluate", fresh: list[str] | None = None, progress: bool = True,
-    workdir_wait_s: float | None = 0.0, rejudge: bool = False,
+    workdir_wait_s: float | None = 0.0, rejudge: bool = False, parent_run_id: str | None = None,
 ) -> dict:
     """Realign the model of ``config`` to its new policy; returns the run manifest.
 
@@ -141,7 +141,8 @@ def realign(
 
     The run holds its working folder's lock throughout (:mod:`trace_realign.flows.workdir`): with
     ``workdir_wait_s=0`` a folder another run is using fails at once with one line; ``None`` waits
-    for it (served runs queue this way).
+    for it (served runs queue this way). ``parent_run_id`` nests the run's MLflow run under another
+    (a comparison's, :mod:`trace_realign.flows.compare`).
     """
     cfg = PipelineConfig.model_validate(config)
     if until not in STAGES:
@@ -153,10 +154,12 @@ def realign(
         fresh_set.update(STAGES[STAGES.index(stage) :])
     workdir = Path(cfg.run.workdir).resolve()
     with workdir_lock(workdir, f"trace-realign run {cfg.run.name!r}", wait_s=workdir_wait_s, on_wait=print):
-        return _realign(cfg, workdir, until, fresh_set, progress, rejudge)
+        return _realign(cfg, workdir, until, fresh_set, progress, rejudge, parent_run_id)
 
 
-def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str], progress: bool, rejudge: bool) -> dict:
+def _realign(
+    cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str], progress: bool, rejudge: bool, parent_run_id: str | None
+) -> dict:
     uri = tracking.tracking_uri(workdir, cfg.mlflow.tracking_uri)
     policy = load_policy(cfg.policy.path)
     data = cfg.section("data")
@@ -183,6 +186,8 @@ def _realign(cfg: PipelineConfig, workdir: Path, until: str, fresh_set: set[str]
     }
     if registered_from:
         tags["trace.registered_model_name_requested"] = registered_from
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     parent = c.create_run(exp, tags={k: tracking.tag_value(v) for k, v in tags.items()})
     pid = parent.info.run_id
     # The crash switch is a property of this run, not of what training computes: keep it out of cache keys.

@@ -206,11 +206,13 @@ def close_dead_runs(c, experiment_id: str, workdir: str | Path) -> list[str]:
 
     Called by a run that holds the folder's lock (:mod:`trace_realign.flows.workdir`): no other process can be
     running in the folder, so a RUNNING run of it was left by a process that died (SIGKILL, power
-    loss). Returns their run ids (parent and stage runs alike).
+    loss), unless it is this very process's (a comparison whose realign runs it holds open).
+    Returns their run ids (parent and stage runs alike).
     """
     from mlflow.entities import ViewType
 
     folder = str(Path(workdir).resolve())
+    mine = process_tags(workdir)
     running = c.search_runs(
         [experiment_id], filter_string="attributes.status = 'RUNNING'", run_view_type=ViewType.ACTIVE_ONLY, max_results=5000
     )
@@ -218,6 +220,8 @@ def close_dead_runs(c, experiment_id: str, workdir: str | Path) -> list[str]:
     for r in running:
         if r.data.tags.get("trace.workdir") != folder:
             continue  # another folder's run (a shared tracking server): not ours to judge
+        if all(r.data.tags.get(k) == mine[k] for k in ("trace.pid", "trace.host")):
+            continue  # this process's own run, still going (a comparison around this run)
         pid = r.data.tags.get("trace.pid", "?")
         c.set_tag(r.info.run_id, "trace.killed_reason", f"process {pid} ended without finishing this run (found by a later run)")
         c.set_terminated(r.info.run_id, status="KILLED")

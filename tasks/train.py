@@ -63,6 +63,7 @@ def train_stage(
         tracking.log_history(stage.client, stage.run_id, result.log_history)
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         metrics["global_step"] = result.global_step
+        metrics["samples"] = len(samples)
         with tempfile.TemporaryDirectory() as tmp:
             keys = sorted({k for h in result.log_history for k in h if k.endswith(("loss", "margin", "logratio", "kl"))} - {"train_loss"})
             png = plots.curves(result.log_history, keys, "training", Path(tmp) / "training_curves.png")

@@ -1,0 +1,155 @@
+"""The compare flow: several methods (and seeds, and oracle-noise rates) on the same data, one table.
+
+Each variant is a realign run (a subflow) in the same working folder, so the stages that do not
+depend on the method are computed once and served from the stage cache to every other variant:
+load, judge and triage always (for one noise rate), the reference stage wherever its settings
+agree. Every variant trains on the same triaged training pairs for the same number of optimizer
+steps and is evaluated on the same held-out prompts; the comparison's MLflow run is the parent of
+the variants' runs and holds the table and its plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import typing
+from pathlib import Path
+
+from prefect import flow
+
+from trace_realign.core.config import ReferenceTrainingConfig
+from trace_realign.core.errors import ConfigError
+from trace_realign.flows.config import PipelineConfig
+from trace_realign.flows.realign import realign
+from trace_realign.flows.workdir import workdir_lock
+from trace_realign.tasks import tracking
+from trace_realign.tasks.artifacts import write_json_at
+from trace_realign.tasks.common import RunContext
+from trace_realign.tasks.compare import comparison_report
+
+METHODS: tuple[str, ...] = typing.get_args(ReferenceTrainingConfig.model_fields["method"].annotation)
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """``methods`` without repeats, in order. Raises ConfigError naming an unknown one (and the
+    known ones) or for an empty list."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method '{unknown[0]}' (methods: {', '.join(METHODS)})")
+    if not methods:
+        raise ConfigError(f"--methods: name at least one method (methods: {', '.join(METHODS)})")
+    return list(dict.fromkeys(methods))
+
+
+def variant_config(config: dict, method: str, seed: int, max_steps: int | None) -> dict:
+    """``config`` with ``training.method = method``, ``run.seed = seed``, the run named after both,
+    ``training.max_steps`` (when given) and no model registration (a comparison trains candidates,
+    not a release)."""
+    out = copy.deepcopy(config)
+    out["training"]["method"] = method
+    if max_steps is not None:
+        out["training"]["max_steps"] = max_steps
+    out["run"]["seed"] = seed
+    out["run"]["name"] = f"{config['run']['name']}-{method}-seed{seed}"
+    out["mlflow"]["register_model"] = False
+    return out
+
+
+def _note(pairs: int | None, steps: int | None, prompts: int | None, equal_steps: bool) -> str:
+    parts = [
+        f"Equal data: every method trained on the same {pairs} triaged training pairs (one load, judge and triage)"
+        if pairs is not None else "Equal data: every method trained on the same triaged training pairs",
+        f"for the same {steps} optimizer steps" if equal_steps and steps is not None else "for the steps its own samples give (--steps config)",
+        f"and was evaluated on the same {int(prompts)} held-out prompts." if prompts is not None else "and was evaluated on the same held-out prompts.",
+    ]
+    return " ".join(parts) + (
+        " samples: the training samples a method builds from those pairs (a pair gives one sample or more; "
+        "the baselines drop pairs they have no use for). Cells: mean ± half-width of the 95% Student-t "
+        "interval over seeds; the starting model's row holds the before values."
+    )
+
+
+@flow(name="compare", log_prints=True)
+def compare(
+    config: dict, methods: list[str], seeds: int = 1, equal_steps: bool = True, progress: bool = True,
+) -> dict:
+    """Realign with each of ``methods`` for ``seeds`` seeds (``run.seed``, ``run.seed + 1``, ...)
+    on ``config`` and compare them; returns the comparison manifest (``table``, ``markdown``,
+    ``variants`` with each realign run's manifest path).
+
+    With ``equal_steps`` every variant trains for the optimizer steps of the first one (its own
+    ``training.max_steps``, or what one pass over its samples gives), so methods that build fewer
+    samples from the same pairs see them more often. Raises ConfigError for an unknown method,
+    no seeds, or a config without the evaluate stage.
+    """
+    cfg = PipelineConfig.model_validate(config)
+    methods = check_methods(methods)
+    if seeds < 1:
+        raise ConfigError(f"--seeds: at least 1, got {seeds}")
+    if not cfg.evaluation.enabled:
+        raise ConfigError("compare: evaluation.enabled is false; a comparison needs the evaluate stage")
+    workdir = Path(cfg.run.workdir).resolve()
+    with workdir_lock(workdir, f"trace-realign compare {cfg.run.name!r}"):
+        return _compare(cfg, workdir, methods, seeds, equal_steps, progress)
+
+
+def _compare(cfg: PipelineConfig, workdir: Path, methods: list[str], seeds: int, equal_steps: bool, progress: bool) -> dict:
+    uri = tracking.tracking_uri(workdir, cfg.mlflow.tracking_uri)
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, cfg.mlflow.experiment, workdir)
+    tracking.close_dead_runs(c, exp, workdir)
+    run = c.create_run(
+        exp,
+        tags={"mlflow.runName": f"{cfg.run.name}-compare", "trace.kind": "compare", **tracking.process_tags(workdir)},
+    )
+    cid = run.info.run_id
+    seed_list = [cfg.run.seed + i for i in range(seeds)]
+    tracking.log_params(c, cid, {"compare": {"methods": ",".join(methods), "seeds": ",".join(map(str, seed_list)), "equal_steps": equal_steps}})
+    base = cfg.model_dump(mode="json")
+    steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
+    variants: list[dict] = []
+    runs: list[dict] = []
+    pairs = prompts = None
+    status = "FAILED"
+    try:
+        for method in methods:
+            for seed in seed_list:
+                manifest = realign(
+                    variant_config(base, method, seed, steps if equal_steps else None),
+                    progress=progress, parent_run_id=cid,
+                )
+                stages = manifest["stages"]
+                trained = stages["train"]["metrics"]
+                evaluation = stages["evaluate"]["metrics"]
+                if equal_steps and steps is None:
+                    steps = int(trained["global_step"])
+                pairs = stages["triage"]["metrics"]["train_total"]
+                prompts = evaluation.get("n")
+                variants.append(
+                    {
+                        "method": method, "noise_rate": None, "seed": seed, "metrics": evaluation,
+                        "samples": trained.get("samples"), "steps": int(trained["global_step"]),
+                    }
+                )
+                runs.append({"method": method, "seed": seed, "run_id": manifest["run_id"], "manifest": manifest["manifest_path"]})
+        ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, cid, progress)
+        report = comparison_report(variants, _note(pairs, steps, prompts, equal_steps), run=ctx.as_dict())
+        out = {
+            "run_id": cid,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "methods": methods,
+            "seeds": seed_list,
+            "equal_steps": equal_steps,
+            "steps": steps,
+            "variants": runs,
+            "table": report["table"],
+            "artifacts": report["artifacts"],
+            "markdown": report["markdown"],
+        }
+        path = write_json_at(out, workdir / "runs" / cid / "comparison.json")
+        write_json_at({"run_id": cid, "manifest": str(path), "tracking_uri": uri}, workdir / "runs" / "last_comparison.json")
+        c.log_artifact(cid, str(path))
+        status = "FINISHED"
+    finally:
+        c.set_terminated(cid, status=status)
+    return {**out, "manifest_path": str(path)}
