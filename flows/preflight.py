@@ -11,7 +11,7 @@ from trace_realign.core.policy import load_policy
 
 def preflight(cfg: PipelineConfig) -> None:
     """The policy parses, the data file exists, the other files the config names exist, the
-    labelled generations (if any) were labelled under this policy."""
+    labelled generations and gold labels (if any) were labelled under this policy."""
     policy = load_policy(cfg.policy.path)
     data = Path(cfg.data.path)
     looks_local = data.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or cfg.data.path.startswith((".", "/", "~"))
@@ -21,6 +21,7 @@ def preflight(cfg: PipelineConfig) -> None:
         ("weights.gold_path", cfg.weights.gold_path),
         ("evaluation.prompts_path", cfg.evaluation.prompts_path),
         ("evaluation.labels_path", cfg.evaluation.labels_path),
+        ("triage.gold_labels_path", cfg.triage.gold_labels_path),
     ):
         if value and not Path(value).exists():
             raise ConfigError(f"{setting}: file not found: {value}")
@@ -28,10 +29,14 @@ def preflight(cfg: PipelineConfig) -> None:
         from trace_realign.core.data import load_prompts
 
         load_prompts(cfg.evaluation.prompts_path)
-    if cfg.evaluation.labels_path:
-        from trace_realign.core.evaluation import load_generation_labels
+    for setting, value in (
+        ("evaluation.labels_path", cfg.evaluation.labels_path),
+        ("triage.gold_labels_path", cfg.triage.gold_labels_path),
+    ):
+        if value:
+            from trace_realign.core.evaluation import load_generation_labels
 
-        load_generation_labels(cfg.evaluation.labels_path, policy)
+            load_generation_labels(value, policy, setting=setting)
     check_names(cfg)
 
 

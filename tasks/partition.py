@@ -3,7 +3,10 @@
 Outputs ``invert-*``, ``punish-*``, ``retain-*`` shards of training pairs, ``unknown-*`` (left
 out of training, counted), and ``holdout-*``: pairs kept out of training for evaluation, chosen
 by a hash of their ``pair_id`` so the split is stable across runs. With ``triage.corrections``
-the oracle writes a correction for every PUNISH pair (cached like verdicts).
+the oracle writes a correction for every PUNISH pair (cached like verdicts). With
+``triage.noise`` a seeded share of the verdicts is corrupted before triage (the verdict shards and
+cache stay as the judge gave them). Every pair carries its gold verdicts for ``gold_dpo`` where
+there is a source: ``triage.gold_labels_path``, else the pairs' annotations under the policy's rules.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from trace_realign.core.oracle import VerdictCache, make_judge
 from trace_realign.core.oracle.cache import correct_punish_pairs
 from trace_realign.core.policy import load_policy
 from trace_realign.core.config import TriageConfig
-from trace_realign.core.oracle.verdicts import triage_from_verdicts
-from trace_realign.core.triage import TriageType, split_holdout, triage_counts, triaged_to_table
+from trace_realign.core.evaluation.labels import load_generation_labels
+from trace_realign.core.oracle.verdicts import gold_from_annotations, gold_from_labels, triage_from_verdicts
+from trace_realign.core.triage import TriageType, gold_view, noise_stats, split_holdout, triage_counts, triaged_to_table
 
 def _write_shards(triaged, folder, stem, size):
     out = []
@@ -42,17 +46,30 @@ def triage_and_partition(
     run: dict,
 ) -> StageResult:
     """Triage every pair from its verdicts; ``input_files_sha256`` holds the content hashes of the
-    oracle's model files (the judge that writes corrections), so replacing them recomputes."""
+    oracle's model files (the judge that writes corrections) and of ``triage.gold_labels_path``, so
+    replacing them recomputes. Logs the noise applied (``noise_*``) and the gold labels' source
+    (param ``gold_source``: file, annotations or none) and triage counts (``gold_<type>``)."""
     ctx = context_of(run)
     triage_cfg = TriageConfig.model_validate(triage)
     with stage_run(ctx, "triage") as stage:
         rows = [row for v in verdicts for row in read_parquet(v["path"]).to_pylist()]
-        triaged = triage_from_verdicts(table_to_pairs(read_parquet(pairs["path"])), rows)
+        policy = load_policy(policy_path)
+        loaded = table_to_pairs(read_parquet(pairs["path"]))
+        if triage_cfg.gold_labels_path:
+            labels = load_generation_labels(triage_cfg.gold_labels_path, policy, setting="triage.gold_labels_path")
+            gold, gold_source = gold_from_labels(loaded, labels), "file"
+        else:
+            gold = gold_from_annotations(loaded, policy)
+            gold_source = "annotations" if gold is not None else "none"
+        triaged = triage_from_verdicts(loaded, rows, gold=gold)
         metrics = {}
+        if (noise := triage_cfg.noise) is not None:
+            clean, triaged = triaged, triage_from_verdicts(loaded, rows, gold=gold, noise=(noise.rate, noise.mode, noise.seed))
+            metrics.update({"noise_rate": noise.rate, **noise_stats(clean, triaged)})
         if triage_cfg.corrections:
             with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
                 with Bar("corrections", sum(t.type is TriageType.PUNISH for t in triaged), ctx.progress) as bar:
-                    triaged, stats = correct_punish_pairs(triaged, judge, load_policy(policy_path), cache, bar.absolute)
+                    triaged, stats = correct_punish_pairs(triaged, judge, policy, cache, bar.absolute)
             metrics.update({f"corrections_{k}": v for k, v in stats.items()})
         train, holdout = split_holdout(triaged, holdout_fraction)
         folder = ctx.folder("artifacts", "triage")
@@ -68,5 +85,6 @@ def triage_and_partition(
         metrics["holdout_pairs"] = len(holdout)
         total = max(1, counts["total"])
         metrics.update({f"triage_{t.value}_fraction": counts[t.value] / total for t in TriageType})
-        params = {"triage": triage, "holdout_fraction": holdout_fraction}
-        return stage.result(artifacts, metrics, params, {"counts": counts})
+        metrics.update({f"gold_{k}": v for k, v in triage_counts(gold_view(t).type for t in train).items()})
+        params = {"triage": triage, "holdout_fraction": holdout_fraction, "gold_source": gold_source}
+        return stage.result(artifacts, metrics, params, {"counts": counts, "gold_source": gold_source})

@@ -13,7 +13,14 @@ from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, ReferenceTrainingConfig, TriageConfig, WeightsConfig
 from trace_realign.core.modeling import load_tokenizer, resolve_device, save_adapter, trainable_model
-from trace_realign.core.reference import gold_table, load_user_gold, run_reference_stage, weights_table
+from trace_realign.core.reference import (
+    check_gold_labels,
+    gold_table,
+    load_user_gold,
+    run_reference_stage,
+    triage_kinds,
+    weights_table,
+)
 
 
 @task(name="reference", cache_key_fn=stage_cache_key, persist_result=True)
@@ -40,11 +47,12 @@ def reference_stage(
     weights_cfg = WeightsConfig.model_validate(weights)
     training_cfg = ReferenceTrainingConfig.model_validate(training)
     with stage_run(ctx, "reference") as stage:
+        triaged = read_triaged(shards, triage_kinds(training_cfg))
+        check_gold_labels(triaged, training_cfg)  # before loading the model
         path = resolve_model(model_cfg.path)
         tokenizer = load_tokenizer(path)
         device = resolve_device(model_cfg.device)
         policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device, seed=seed)
-        triaged = read_triaged(shards)
         bars: dict[str, Bar] = {}
 
         def progress(part, done, total):

@@ -14,7 +14,7 @@ from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, TrainingConfig, TriageConfig
 from trace_realign.core.data import text_sha256
 from trace_realign.core.modeling import frozen_reference, load_tokenizer, resolve_device, trainable_model
-from trace_realign.core.reference import training_samples
+from trace_realign.core.reference import triage_kinds, training_samples
 from trace_realign.core.training import save_output, train
 
 
@@ -50,7 +50,7 @@ def train_stage(
         ref_model = frozen_reference(path, training_cfg.full_finetune, dtype=model_cfg.dtype, device=device)
         weights_path = reference["weights"]["path"]
         samples = training_samples(
-            read_triaged(shards), tokenizer, training_cfg, TriageConfig.model_validate(triage), read_parquet(weights_path),
+            read_triaged(shards, triage_kinds(training_cfg)), tokenizer, training_cfg, TriageConfig.model_validate(triage), read_parquet(weights_path),
             where=weights_path,
         )  # fmt: skip
         stage.log_params({"training": training, "samples": len(samples), "resumed": resume})

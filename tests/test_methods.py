@@ -96,3 +96,84 @@ def test_a_baseline_runs_the_whole_dag(tmp_path, method):
     assert manifest["stages"]["train"]["metrics"]["global_step"] == 2
     assert manifest["stages"]["reference"]["metrics"]["gold_size"] == 0
     assert "tpa_after" in manifest["stages"]["evaluate"]["metrics"]
+
+
+# Oracle verdicts and gold verdicts disagree on purpose: gold_dpo must follow the gold ones.
+GOLD_TRIAGED = [
+    TriagedPair(PreferencePair.create("g1", "w1", "l1"), TriageType.RETAIN, True, False, None, False, True),  # gold INVERT
+    TriagedPair(PreferencePair.create("g2", "w2", "l2"), TriageType.INVERT, False, True, None, True, False),  # gold RETAIN
+    TriagedPair(PreferencePair.create("g3", "w3", "l3"), TriageType.INVERT, False, True, None, False, False),  # gold PUNISH
+    TriagedPair(PreferencePair.create("g4", "w4", "l4"), TriageType.UNKNOWN, None, None, None, True, None),  # gold RETAIN
+    TriagedPair(PreferencePair.create("g5", "w5", "l5"), TriageType.RETAIN, True, True),  # no gold label
+    TriagedPair(PreferencePair.create("g6", "w6", "l6"), TriageType.PUNISH, False, False, None, None, True),  # gold UNKNOWN
+]
+
+
+def test_gold_dpo_prefers_the_gold_relabelled_winner_and_ignores_the_oracle(tiny_tokenizer):
+    from dataclasses import replace
+
+    enc = Encoder(tiny_tokenizer, max_length=64)
+    samples = build_samples(GOLD_TRIAGED, enc, method="gold_dpo")
+    assert [s.kind for s in samples] == [SampleKind.PREFER] * 3
+    assert [s.pair_id for s in samples] == [GOLD_TRIAGED[i].pair.pair_id for i in (0, 1, 3)]
+    assert texts(tiny_tokenizer, samples) == [["l1", "w1"], ["w2", "l2"], ["w4", "l4"]]  # gold INVERT swapped, RETAIN as is
+    # Oracle noise changes the oracle's verdicts and triage types, never the gold labels.
+    noisy = [replace(t, type=TriageType.PUNISH, chosen_compliant=False, rejected_compliant=False, noise="flip") for t in GOLD_TRIAGED]
+    assert texts(tiny_tokenizer, build_samples(noisy, enc, method="gold_dpo")) == texts(tiny_tokenizer, samples)
+
+
+def test_gold_dpo_reads_every_triage_shard_and_without_gold_labels_fails_naming_the_setting(tiny_tokenizer):
+    from trace_realign.core.errors import ConfigError
+    from trace_realign.core.reference import check_gold_labels, samples_for, triage_kinds
+
+    assert triage_kinds(settings(method="gold_dpo")) == ("invert", "punish", "retain", "unknown")
+    assert triage_kinds(settings(method="naive_relabel_dpo")) == ("invert", "punish", "retain")
+    check_gold_labels(TRIAGED, settings(method="naive_relabel_dpo"))  # other methods need none
+    with pytest.raises(ConfigError, match=r"^training.method: gold_dpo needs gold labels .* triage.gold_labels_path"):
+        samples_for(TRIAGED, Encoder(tiny_tokenizer, max_length=64), settings(method="gold_dpo"), TriageConfig())
+
+
+def test_gold_labels_come_from_a_file_or_the_annotations(tmp_path):
+    from trace_realign.core.evaluation.labels import load_generation_labels
+    from trace_realign.core.oracle.verdicts import gold_from_annotations, gold_from_labels
+    from trace_realign.core.policy import Policy
+
+    chat = [{"role": "user", "content": "q2"}]
+    pairs = [PreferencePair.create("q1", "w1", "l1"), PreferencePair.create(chat, "w2", "l2")]
+    path = tmp_path / "gold.jsonl"
+    lines = [{"prompt": "q1", "response": "w1", "compliant": False}, {"prompt": "q1", "response": "l1", "compliant": True},
+             {"prompt": "q2", "response": "w2", "compliant": True}, {"prompt": "q9", "response": "w1", "compliant": True}]  # fmt: skip
+    path.write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    labels = load_generation_labels(path, setting="triage.gold_labels_path")
+    assert gold_from_labels(pairs, labels) == [(False, True), (True, None)]  # a chat prompt matches its text
+    with pytest.raises(TraceError, match=r"labelled responses file not found \(triage.gold_labels_path\)"):
+        load_generation_labels(tmp_path / "missing.jsonl", setting="triage.gold_labels_path")
+
+    rules = {"require_safe": True}
+    annotated = [PreferencePair.create("q", "w", "l", chosen_annotations={"is_safe": False}, rejected_annotations={"is_safe": True})]
+    assert gold_from_annotations(annotated, Policy(name="p", version=None, text="p", sha256="0" * 64, rules=rules)) == [(False, True)]
+    assert gold_from_annotations(pairs, Policy(name="p", version=None, text="p", sha256="0" * 64, rules=rules)) is None  # no annotations
+    assert gold_from_annotations(annotated, Policy(name="p", version=None, text="p", sha256="0" * 64)) is None  # no rules
+
+
+def test_a_gold_labels_file_is_fingerprinted_and_checked_before_the_run(tmp_path):
+    from trace_realign.core.config import input_files
+    from trace_realign.core.errors import ConfigError
+    from trace_realign.flows.config import validate_config
+    from trace_realign.flows.preflight import preflight
+
+    policy = tmp_path / "policy.md"
+    policy.write_text("Be helpful.\n", encoding="utf-8")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("", encoding="utf-8")
+    gold = tmp_path / "gold.jsonl"
+    tree = {"model": {"path": "tiny-random"}, "data": {"path": str(data)}, "policy": {"path": str(policy)},
+            "oracle": {"backend": "annotations"}, "triage": {"gold_labels_path": str(gold)}}  # fmt: skip
+    with pytest.raises(ConfigError, match="^triage.gold_labels_path: file not found"):
+        preflight(validate_config(tree))
+    gold.write_text('{"prompt": "q", "response": "r", "compliant": "maybe"}\n', encoding="utf-8")
+    with pytest.raises(TraceError, match="'compliant' must be true or false"):
+        preflight(validate_config(tree))
+    gold.write_text('{"prompt": "q", "response": "r", "compliant": true}\n', encoding="utf-8")
+    preflight(validate_config(tree))
+    assert input_files(validate_config(tree))["triage.gold_labels_path"] == str(gold)

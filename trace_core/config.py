@@ -64,11 +64,32 @@ class PolicyConfig(Section):
     )
 
 
+class OracleNoiseConfig(Section):
+    """Oracle noise for the robustness study of arXiv 2511.02623: a seeded share of the oracle's
+    verdicts corrupted before triage (:func:`trace_realign.core.triage.apply_oracle_noise`)."""
+
+    rate: float = Field(ge=0, le=1, description="share of the pairs with known verdicts that are corrupted (exactly round(rate * n))")
+    mode: Literal["flip", "swap", "mixed"] = Field(
+        "mixed", description="flip: triage type reassigned; swap: the pair's two verdicts exchanged; mixed: either, 1/2 each (the authors')"
+    )
+    seed: int = Field(0, description="seed of which pairs are drawn and how each is corrupted")
+
+
 class TriageConfig(Section):
     """Triage (arXiv 2511.02623, stage 1: every pair is INVERT, PUNISH or RETAIN under the new policy)."""
 
     corrections: bool = Field(False, description="PUNISH pairs train an oracle-written correction over y_w")
     use_triage: bool = Field(True, description="false: the no-triage ablation (NPO on the rejected response of every relabelled pair: the old winner of an INVERT pair, the old loser of the others)")
+    noise: OracleNoiseConfig | None = Field(
+        None,
+        description="oracle noise before triage, {rate, mode: flip|swap|mixed, seed}; the verdict cache and gold labels are never touched",
+    )
+    gold_labels_path: str | None = Field(
+        None,
+        description="gold labels for gold_dpo (JSONL: prompt, response, compliant under the new policy); "
+        "default: the data's annotations under the policy's rules",
+        json_schema_extra=INPUT_FILE,
+    )
 
 
 class WeightsConfig(Section):
@@ -124,10 +145,11 @@ class ReferenceTrainingConfig(Section):
         "trace", description="PUNISH loss: trace (the authors' dual form) or npo (NPO's 2/beta scale, arXiv 2404.05868)"
     )
     use_kl: bool = Field(True, description="false: the no-KL ablation (no RETAIN samples)")
-    method: Literal["trace", "naive_relabel_dpo", "robust_dpo", "npo"] = Field(
+    method: Literal["trace", "naive_relabel_dpo", "robust_dpo", "npo", "gold_dpo"] = Field(
         "trace",
         description="the objective: trace; naive_relabel_dpo (DPO on the relabelled INVERT and RETAIN pairs, PUNISH dropped); "
-        "robust_dpo (the same pairs, Robust DPO with robust_epsilon); npo (NPO on every response the oracle found violating). "
+        "robust_dpo (the same pairs, Robust DPO with robust_epsilon); npo (NPO on every response the oracle found violating); "
+        "gold_dpo (DPO on the pairs relabelled by the gold labels, triage.gold_labels_path, instead of the oracle). "
         "The baselines train with uniform weights and no RETAIN term",
     )
     robust_epsilon: float = Field(0.1, ge=0, lt=0.5, description="robust_dpo's assumed label-flip rate (arXiv 2403.00409)")

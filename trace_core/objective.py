@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from trace_realign.core.triage import TriagedPair
 
 PunishForm = Literal["trace", "npo"]
-Method = Literal["trace", "naive_relabel_dpo", "robust_dpo", "npo"]
+Method = Literal["trace", "naive_relabel_dpo", "robust_dpo", "npo", "gold_dpo"]
 
 
 class SampleKind(IntEnum):
@@ -124,6 +124,10 @@ def build_samples(
     - ``naive_relabel_dpo`` and ``robust_dpo`` (arXiv 2511.02623's naive relabelling baseline, and
       Robust DPO over the same pairs): PREFER on every INVERT and RETAIN pair relabelled
       (:func:`~trace_realign.core.triage.relabelled`), PUNISH pairs dropped.
+    - ``gold_dpo`` (arXiv 2511.02623's upper reference, DPO on gold labels): the same, with each pair
+      triaged by its gold verdicts (:func:`~trace_realign.core.triage.gold_view`) instead of the
+      oracle's: gold INVERT swapped, gold RETAIN as is, gold PUNISH and pairs without gold labels
+      dropped. Oracle noise never reaches it.
     - ``npo`` (arXiv 2404.05868): NEGATE on every response the oracle judged violating.
 
     TRACE (arXiv 2511.02623, stage 1 and 2):
@@ -165,12 +169,14 @@ def build_samples(
 def baseline_samples(triaged: Sequence["TriagedPair"], encoder: "Encoder", method: Method) -> list[Sample]:
     """The samples of a baseline ``method`` (see :func:`build_samples`). Raises ValueError for an
     unknown method or for ``trace``."""
-    from trace_realign.core.triage import TriageType, relabelled
+    from trace_realign.core.triage import TriageType, gold_view, relabelled
 
     out: list[Sample] = []
     for t in triaged:
         p = t.pair
-        if method in ("naive_relabel_dpo", "robust_dpo"):
+        if method == "gold_dpo":
+            t = gold_view(t)
+        if method in ("naive_relabel_dpo", "robust_dpo", "gold_dpo"):
             pair = relabelled(t)
             if pair is not None and t.type is not TriageType.PUNISH:
                 seqs = (encoder.sequence(p.prompt, pair[0]), encoder.sequence(p.prompt, pair[1]))
@@ -180,5 +186,5 @@ def baseline_samples(triaged: Sequence["TriagedPair"], encoder: "Encoder", metho
                 if compliant is False:
                     out.append(Sample(p.pair_id, SampleKind.NEGATE, (encoder.sequence(p.prompt, response),)))
         else:
-            raise ValueError(f"unknown baseline method '{method}' (use naive_relabel_dpo, robust_dpo or npo)")
+            raise ValueError(f"unknown baseline method '{method}' (use naive_relabel_dpo, robust_dpo, npo or gold_dpo)")
     return out

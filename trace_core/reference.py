@@ -18,7 +18,7 @@ import torch
 
 from trace_realign.core.config import ReferenceTrainingConfig, TriageConfig, WeightsConfig
 from trace_realign.core.data import canonical_json, load_pairs
-from trace_realign.core.errors import TraceError
+from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.impact import (
     GoldPair,
     build_gold_batch,
@@ -30,7 +30,7 @@ from trace_realign.core.impact import (
 )
 from trace_realign.core.objective import Sample, SampleKind, build_samples
 from trace_realign.core.tokenization import Encoder
-from trace_realign.core.triage import TriagedPair, TriageType
+from trace_realign.core.triage import TRAINABLE, TriagedPair, TriageType, gold_view
 
 WEIGHTS_SCHEMA = pa.schema(
     [
@@ -62,10 +62,32 @@ def encoder_for(tokenizer, training: ReferenceTrainingConfig) -> Encoder:
     return Encoder(tokenizer, max_length=training.max_length, max_prompt_length=training.max_prompt_length)
 
 
+def triage_kinds(training: ReferenceTrainingConfig) -> tuple[str, ...]:
+    """The triage types whose training pairs ``training.method`` reads: every type for ``gold_dpo``
+    (its gold labels decide, so a pair the oracle left UNKNOWN, or that oracle noise moved, is
+    still trained on by its gold labels), INVERT, PUNISH and RETAIN otherwise."""
+    return tuple(t.value for t in (TriageType if training.method == "gold_dpo" else TRAINABLE))
+
+
+def check_gold_labels(triaged: Sequence[TriagedPair], training: ReferenceTrainingConfig) -> None:
+    """Raise ConfigError (one line naming the settings) when ``training.method`` is ``gold_dpo`` and
+    no pair of ``triaged`` has a gold triage type (:func:`~trace_realign.core.triage.gold_view`):
+    there is nothing to train on. Any other method passes."""
+    if training.method != "gold_dpo" or any(gold_view(t).type is not TriageType.UNKNOWN for t in triaged):
+        return
+    raise ConfigError(
+        "training.method: gold_dpo needs gold labels and no training pair has them: set triage.gold_labels_path "
+        "(JSONL: prompt, response, compliant under the new policy), or use data with annotations that the "
+        "policy's front-matter rules read"
+    )
+
+
 def samples_for(
     triaged: Sequence[TriagedPair], encoder: Encoder, training: ReferenceTrainingConfig, triage: TriageConfig
 ) -> list[Sample]:
-    """The samples of ``training.method``'s objective for ``triaged``, with the ablation switches of the config."""
+    """The samples of ``training.method``'s objective for ``triaged``, with the ablation switches of
+    the config. Raises ConfigError for ``gold_dpo`` without gold labels (:func:`check_gold_labels`)."""
+    check_gold_labels(triaged, training)
     return build_samples(
         triaged, encoder, use_triage=triage.use_triage, use_kl=training.use_kl, use_corrections=triage.corrections,
         method=training.method,

@@ -13,10 +13,11 @@ settles it: ``c_w = 1`` means RETAIN whatever ``c_l`` is.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import pyarrow as pa
 
@@ -62,13 +63,21 @@ def triage_counts(types: Iterable[TriageType]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class TriagedPair:
-    """A pair with its verdicts, its triage type and, for PUNISH, an optional oracle correction."""
+    """A pair with its verdicts, its triage type and, for PUNISH, an optional oracle correction.
+
+    ``gold_chosen_compliant`` and ``gold_rejected_compliant`` are the verdicts of a stronger source
+    than the oracle (the ``gold_dpo`` method's labels; None where there is none), never touched by
+    oracle noise; ``noise`` names the noise applied to this pair's oracle verdicts (``flip``,
+    ``swap``) or is None (:func:`apply_oracle_noise`)."""
 
     pair: PreferencePair
     type: TriageType
     chosen_compliant: bool | None
     rejected_compliant: bool | None
     correction: str | None = None
+    gold_chosen_compliant: bool | None = None
+    gold_rejected_compliant: bool | None = None
+    noise: str | None = None
 
 
 def relabelled(t: TriagedPair) -> tuple[str, str] | None:
@@ -81,18 +90,108 @@ def relabelled(t: TriagedPair) -> tuple[str, str] | None:
     return t.pair.chosen, t.pair.rejected
 
 
+def gold_view(t: TriagedPair) -> TriagedPair:
+    """The pair triaged by its gold verdicts instead of the oracle's (INVERT, PUNISH, RETAIN or
+    UNKNOWN by the table above), so :func:`relabelled` relabels it by the gold labels."""
+    gold_c, gold_r = t.gold_chosen_compliant, t.gold_rejected_compliant
+    return replace(t, type=triage_pair(gold_c, gold_r), chosen_compliant=gold_c, rejected_compliant=gold_r, noise=None)
+
+
 def triage_pairs(
     pairs: Sequence[PreferencePair],
     chosen_compliant: Sequence[bool | None],
     rejected_compliant: Sequence[bool | None],
     corrections: Sequence[str | None] | None = None,
+    *,
+    gold: Sequence[tuple[bool | None, bool | None]] | None = None,
+    noise: Sequence[str | None] | None = None,
 ) -> list[TriagedPair]:
+    """Triaged pairs from aligned verdict sequences; ``gold`` holds each pair's gold
+    ``(chosen, rejected)`` verdicts and ``noise`` the noise applied to its oracle verdicts
+    (:class:`TriagedPair`), both None for every pair when not given."""
     types = triage(chosen_compliant, rejected_compliant)
-    corrections = corrections or [None] * len(pairs)
+    n = len(pairs)
+    corrections = corrections or [None] * n
+    gold = gold or [(None, None)] * n
+    noise = noise or [None] * n
     return [
-        TriagedPair(p, t, c, r, corr)
-        for p, t, c, r, corr in zip(pairs, types, chosen_compliant, rejected_compliant, corrections)
+        TriagedPair(p, t, c, r, corr, g[0], g[1], nz)
+        for p, t, c, r, corr, g, nz in zip(pairs, types, chosen_compliant, rejected_compliant, corrections, gold, noise)
     ]
+
+
+NoiseMode = Literal["flip", "swap", "mixed"]
+
+_CATEGORY_VERDICTS = {TriageType.INVERT: (False, True), TriageType.PUNISH: (False, False)}
+
+
+@dataclass(frozen=True)
+class NoisyVerdicts:
+    """The oracle's verdicts after :func:`apply_oracle_noise`: ``chosen`` and ``rejected`` [N] and
+    ``applied`` [N] (``flip``, ``swap`` or None per pair)."""
+
+    chosen: list[bool | None]
+    rejected: list[bool | None]
+    applied: list[str | None]
+
+
+def apply_oracle_noise(
+    chosen_compliant: Sequence[bool | None],
+    rejected_compliant: Sequence[bool | None],
+    rate: float,
+    mode: NoiseMode = "mixed",
+    seed: int = 0,
+) -> NoisyVerdicts:
+    """Corrupt a seeded share of the oracle's verdicts before triage, in the two modes of the
+    oracle-noise study of arXiv 2511.02623 (its robustness table).
+
+    Exactly ``round(rate * K)`` of the K pairs with a triage type other than UNKNOWN are drawn
+    (``random.Random(seed).sample``); each drawn pair, in input order, gets:
+
+    - ``flip`` (category flip): the pair's triage type is reassigned to one of the two other types,
+      chosen uniformly, by setting its verdicts to the fewest changes that give it: RETAIN
+      ``c_w = 1`` (``c_l`` kept), INVERT ``(0, 1)``, PUNISH ``(0, 0)``.
+    - ``swap`` (chosen/rejected swap): the pair's two verdicts are exchanged, i.e. read against the
+      wrong responses, so an INVERT pair becomes RETAIN and a RETAIN pair with a violating loser
+      becomes INVERT: the relabelled preference reverses. A pair whose verdicts agree is unchanged.
+    - ``mixed``: flip or swap with probability 1/2 each, as the authors' noisy splits.
+
+    Pure and deterministic: the same inputs and seed give the same result; ``rate = 0`` returns the
+    verdicts unchanged. Raises ValueError for a rate outside [0, 1], an unknown mode, or sequences
+    of different lengths.
+    """
+    if not 0 <= rate <= 1:
+        raise ValueError(f"noise rate must be in [0, 1], got {rate}")
+    if mode not in ("flip", "swap", "mixed"):
+        raise ValueError(f"unknown noise mode '{mode}' (use flip, swap or mixed)")
+    types = triage(chosen_compliant, rejected_compliant)
+    chosen, rejected = list(chosen_compliant), list(rejected_compliant)
+    applied: list[str | None] = [None] * len(types)
+    known = [i for i, t in enumerate(types) if t is not TriageType.UNKNOWN]
+    rng = random.Random(seed)
+    drawn = sorted(rng.sample(known, round(rate * len(known))))
+    for i in drawn:
+        kind = mode if mode != "mixed" else ("flip" if rng.random() < 0.5 else "swap")
+        if kind == "flip":
+            target = rng.choice([t for t in (TriageType.INVERT, TriageType.PUNISH, TriageType.RETAIN) if t is not types[i]])
+            chosen[i], rejected[i] = _CATEGORY_VERDICTS.get(target, (True, rejected[i]))
+        else:
+            chosen[i], rejected[i] = rejected[i], chosen[i]
+        applied[i] = kind
+    return NoisyVerdicts(chosen, rejected, applied)
+
+
+def noise_stats(clean: Sequence[TriagedPair], noisy: Sequence[TriagedPair]) -> dict[str, int]:
+    """What oracle noise did, from the same pairs triaged without and with it: ``noise_pairs``
+    (pairs drawn), ``noise_flip`` and ``noise_swap`` (per mode) and ``noise_moved`` (pairs whose
+    triage type changed; a swap of two agreeing verdicts changes nothing)."""
+    applied = [t.noise for t in noisy]
+    return {
+        "noise_pairs": sum(a is not None for a in applied),
+        "noise_flip": applied.count("flip"),
+        "noise_swap": applied.count("swap"),
+        "noise_moved": sum(c.type is not n.type for c, n in zip(clean, noisy)),
+    }
 
 
 def is_holdout(pair_id: str, fraction: float) -> bool:
@@ -118,8 +217,13 @@ TRIAGE_COLUMNS = [
     ("chosen_compliant", pa.bool_()),
     ("rejected_compliant", pa.bool_()),
     ("correction", pa.string()),
+    ("gold_chosen_compliant", pa.bool_()),
+    ("gold_rejected_compliant", pa.bool_()),
+    ("noise", pa.string()),
 ]
-"""The columns a triage shard adds to the pair columns (``triage/<type>-<k>-<sha8>.parquet``: the four types and ``holdout``)."""
+"""The columns a triage shard adds to the pair columns (``triage/<type>-<k>-<sha8>.parquet``: the
+four types and ``holdout``): the triage type, the oracle's verdicts as triage used them (after any
+noise), the PUNISH correction, the gold verdicts (null: none) and the noise applied (null: none)."""
 
 
 def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
@@ -132,6 +236,9 @@ def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
             [t.chosen_compliant for t in triaged],
             [t.rejected_compliant for t in triaged],
             [t.correction for t in triaged],
+            [t.gold_chosen_compliant for t in triaged],
+            [t.gold_rejected_compliant for t in triaged],
+            [t.noise for t in triaged],
         ),
     ):
         table = table.append_column(pa.field(name, typ), pa.array(values, type=typ))
@@ -143,6 +250,9 @@ def table_to_triaged(table: pa.Table) -> list[TriagedPair]:
     pairs = table_to_pairs(table.select(list(PAIR_COLUMNS)))
     cols = table.select([n for n, _ in TRIAGE_COLUMNS]).to_pylist()
     return [
-        TriagedPair(p, TriageType(c["triage"]), c["chosen_compliant"], c["rejected_compliant"], c["correction"])
+        TriagedPair(
+            p, TriageType(c["triage"]), c["chosen_compliant"], c["rejected_compliant"], c["correction"],
+            c["gold_chosen_compliant"], c["gold_rejected_compliant"], c["noise"],
+        )  # fmt: skip
         for p, c in zip(pairs, cols)
     ]

@@ -25,8 +25,11 @@ class LabelledResponse:
     compliant: bool
 
 
-def load_generation_labels(path: str | Path, policy: Policy | None = None) -> list[LabelledResponse]:
-    """Labelled generations from a JSONL file: one object per line with ``prompt``, ``response``
+def load_generation_labels(
+    path: str | Path, policy: Policy | None = None, setting: str = "evaluation.labels_path"
+) -> list[LabelledResponse]:
+    """Labelled generations (or any responses: ``setting`` names the setting the file comes from in
+    messages) from a JSONL file: one object per line with ``prompt``, ``response``
     (strings) and ``compliant`` (true/false); other keys (notes, the model that wrote it) are kept
     out. A bad line raises DataError naming the file and line; a repeated (prompt, response) with a
     conflicting label too; so does a missing or empty file.
@@ -37,7 +40,7 @@ def load_generation_labels(path: str | Path, policy: Policy | None = None) -> li
     report a wrong accuracy without a sign of it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: labelled generations file not found")
+        raise DataError(f"{path}: labelled responses file not found ({setting})")
     out: dict[tuple[str, str], LabelledResponse] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -63,14 +66,14 @@ def load_generation_labels(path: str | Path, policy: Policy | None = None) -> li
             raise DataError(
                 f"{where}: labelled under policy {labelled_under[:8]}, but the policy is now "
                 f"{policy.short_hash} ({policy.path or policy.name}): relabel these generations under it, "
-                "or drop evaluation.labels_path"
+                f"or drop {setting}"
             )
         key = (prompt, response)
         if key in out and out[key].compliant != label:
             raise DataError(f"{where}: the same prompt and response are labelled both ways")
         out[key] = LabelledResponse(prompt, response, label)
     if not out:
-        raise DataError(f"{path}: no labelled generations")
+        raise DataError(f"{path}: no labelled responses ({setting})")
     return list(out.values())
 
 
