@@ -1,6 +1,7 @@
 """Stage: generate on held-out prompts with the reference and the realigned model, judge both
 under the new policy, and report TPA before and after (overall and per triage bin) and a
-utility proxy (perplexity of held-out RETAIN responses, realigned over reference).
+utility proxy (perplexity of held-out RETAIN responses, realigned over reference); with
+``evaluation.lm_eval.tasks`` set, lm-evaluation-harness benchmarks before and after as well.
 
 The judge is ``evaluation.judge`` when set, else the oracle; when that judge cannot read generated
 text (the annotations judge), a local embedding judge trained on the training split's responses
@@ -28,6 +29,7 @@ from trace_realign.core.evaluation import (
     judge_for_generations,
     load_generation_labels,
 )
+from trace_realign.core.evaluation.benchmarks import plan_benchmarks, run_benchmarks
 from trace_realign.core.modeling import load_realigned, load_tokenizer, resolve_device
 from trace_realign.core.oracle import VerdictCache
 from trace_realign.core.policy import load_policy
@@ -57,6 +59,7 @@ def evaluate_stage(
     evaluation_cfg = EvaluationConfig.model_validate(evaluation)
     model_cfg = ModelConfig.model_validate(model)
     with stage_run(ctx, "evaluate") as stage:
+        benchmarks = plan_benchmarks(evaluation_cfg.lm_eval) if evaluation_cfg.lm_eval.tasks else None
         policy = load_policy(policy_path)
         holdout = read_triaged(shards, kinds=("holdout",))
         prompts, groups = evaluation_prompts(holdout, evaluation_cfg.prompts_path, evaluation_cfg.max_prompts)
@@ -96,4 +99,11 @@ def evaluate_stage(
                 stage.client.log_artifact(stage.run_id, str(png), "plots")
         params = {"evaluation": {k: v for k, v in evaluation.items() if k != "judge"}, "eval_judge": result.judge}
         artifacts = {"generations": describe(table_path, len(result.rows)), "metrics": describe(metrics_path)}
-        return stage.result(artifacts, result.metrics, params, {"judge": result.judge})
+        metrics = result.metrics
+        if benchmarks is not None:
+            bench = run_benchmarks(realigned, tokenizer, benchmarks, reference_model=reference_model)
+            bench_path = write_json(bench.results, folder, "lm_eval")
+            stage.client.log_artifact(stage.run_id, str(bench_path), "evaluation")
+            artifacts["lm_eval"] = describe(bench_path)
+            metrics = {**metrics, **bench.metrics}
+        return stage.result(artifacts, metrics, params, {"judge": result.judge})

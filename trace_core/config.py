@@ -15,6 +15,7 @@ from typing import Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trace_realign.core.oracle.config import INPUT_FILE, JudgeConfig
+from trace_realign.core.resources import SHIPPED_ROOT
 
 
 
@@ -212,6 +213,27 @@ class DpoConfig(AlignmentConfig):
     reference_batch_size: int = Field(8, ge=1, description="pairs per batch of the reference log-prob pass")
 
 
+SHIPPED_LM_EVAL_TASKS = SHIPPED_ROOT / "data" / "lm_eval"
+"""The folder of the lm-evaluation-harness task YAML files that ship with the package (``data/lm_eval``)."""
+
+
+class LmEvalConfig(Section):
+    """Utility on standard benchmarks through lm-evaluation-harness (lm-eval): each task's metrics
+    on the reference and on the realigned model."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="harness tasks run before and after realignment: shipped (trace_mini_mc), from include_path, "
+        "or the harness's own (mmlu, hellaswag, gsm8k, gpqa; they need network); empty: off",
+    )
+    limit: int | None = Field(None, ge=1, description="examples per task (default: all)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per question (default: each task's own)")
+    batch_size: int = Field(8, ge=1, description="requests per forward pass")
+    include_path: str | None = Field(
+        None, description="a folder of your own harness task YAML files", json_schema_extra=INPUT_FILE
+    )
+
+
 class EvaluationConfig(Section):
     """Target policy agreement (TPA) before and after realignment, on held-out prompts."""
 
@@ -230,6 +252,7 @@ class EvaluationConfig(Section):
         "accuracy on generated text, and TPA from the labels where a generation has one",
         json_schema_extra=INPUT_FILE,
     )
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
 
 def marked_settings(cfg: BaseModel, marks: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -247,5 +270,11 @@ def marked_settings(cfg: BaseModel, marks: tuple[str, ...], prefix: str = "") ->
 def input_files(cfg: BaseModel) -> dict[str, str]:
     """Every setting marked :data:`INPUT_FILE` that is set and names an existing local file or
     folder, as ``{"weights.gold_path": path, "oracle.model_path": path, ...}`` (nested sections and
-    the judge configs included; a hub model name that is not a local path is left out)."""
-    return {dotted: value for dotted, value in marked_settings(cfg, ("input_file",)) if Path(value).exists()}
+    the judge configs included; a hub model name that is not a local path is left out). With
+    benchmark tasks set (``evaluation.lm_eval.tasks``), the shipped task folder is an input too, as
+    ``evaluation.lm_eval.shipped_tasks``: the evaluate stage reruns when its files change."""
+    found = {dotted: value for dotted, value in marked_settings(cfg, ("input_file",)) if Path(value).exists()}
+    evaluation = getattr(cfg, "evaluation", None)
+    if isinstance(evaluation, EvaluationConfig) and evaluation.lm_eval.tasks:
+        found["evaluation.lm_eval.shipped_tasks"] = str(SHIPPED_LM_EVAL_TASKS)
+    return found
