@@ -41,18 +41,34 @@ def check_methods(methods: list[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def variant_config(config: dict, method: str, seed: int, max_steps: int | None) -> dict:
-    """``config`` with ``training.method = method``, ``run.seed = seed``, the run named after both,
-    ``training.max_steps`` (when given) and no model registration (a comparison trains candidates,
-    not a release)."""
+def variant_config(config: dict, method: str, seed: int, max_steps: int | None, noise_rate: float | None = None) -> dict:
+    """``config`` with ``training.method = method``, ``run.seed = seed``, the run named after them,
+    ``training.max_steps`` (when given), ``triage.noise.rate = noise_rate`` (when given; the mode and
+    seed of the config's ``triage.noise``, else its defaults) and no model registration (a
+    comparison trains candidates, not a release)."""
     out = copy.deepcopy(config)
     out["training"]["method"] = method
     if max_steps is not None:
         out["training"]["max_steps"] = max_steps
     out["run"]["seed"] = seed
-    out["run"]["name"] = f"{config['run']['name']}-{method}-seed{seed}"
+    name = f"{config['run']['name']}-{method}-seed{seed}"
+    if noise_rate is not None:
+        out["triage"]["noise"] = {**(out["triage"].get("noise") or {}), "rate": noise_rate}
+        name += f"-noise{noise_rate:g}"
+    out["run"]["name"] = name
     out["mlflow"]["register_model"] = False
     return out
+
+
+def check_noise_rates(rates: list[float] | None) -> list[float] | None:
+    """``rates`` without repeats, in order (None: no noise study). Raises ConfigError for a rate
+    outside [0, 1]."""
+    if rates is None:
+        return None
+    for r in rates:
+        if not 0 <= r <= 1:
+            raise ConfigError(f"--noise-rates: {r:g} is not a share in [0, 1]")
+    return list(dict.fromkeys(rates))
 
 
 def _note(pairs: int | None, steps: int | None, prompts: int | None, equal_steps: bool) -> str:
@@ -72,10 +88,13 @@ def _note(pairs: int | None, steps: int | None, prompts: int | None, equal_steps
 @flow(name="compare", log_prints=True)
 def compare(
     config: dict, methods: list[str], seeds: int = 1, equal_steps: bool = True, progress: bool = True,
+    noise_rates: list[float] | None = None,
 ) -> dict:
     """Realign with each of ``methods`` for ``seeds`` seeds (``run.seed``, ``run.seed + 1``, ...)
     on ``config`` and compare them; returns the comparison manifest (``table``, ``markdown``,
-    ``variants`` with each realign run's manifest path).
+    ``variants`` with each realign run's manifest path). With ``noise_rates`` every method runs at
+    each oracle-noise rate (``triage.noise.rate``; the robustness study of arXiv 2511.02623): one
+    row per method and rate; the judge's verdicts are shared by all, triage is redone per rate.
 
     With ``equal_steps`` every variant trains for the optimizer steps of the first one (its own
     ``training.max_steps``, or what one pass over its samples gives), so methods that build fewer
@@ -84,16 +103,20 @@ def compare(
     """
     cfg = PipelineConfig.model_validate(config)
     methods = check_methods(methods)
+    noise_rates = check_noise_rates(noise_rates)
     if seeds < 1:
         raise ConfigError(f"--seeds: at least 1, got {seeds}")
     if not cfg.evaluation.enabled:
         raise ConfigError("compare: evaluation.enabled is false; a comparison needs the evaluate stage")
     workdir = Path(cfg.run.workdir).resolve()
     with workdir_lock(workdir, f"trace-realign compare {cfg.run.name!r}"):
-        return _compare(cfg, workdir, methods, seeds, equal_steps, progress)
+        return _compare(cfg, workdir, methods, seeds, equal_steps, progress, noise_rates)
 
 
-def _compare(cfg: PipelineConfig, workdir: Path, methods: list[str], seeds: int, equal_steps: bool, progress: bool) -> dict:
+def _compare(
+    cfg: PipelineConfig, workdir: Path, methods: list[str], seeds: int, equal_steps: bool, progress: bool,
+    noise_rates: list[float] | None,
+) -> dict:
     uri = tracking.tracking_uri(workdir, cfg.mlflow.tracking_uri)
     c = tracking.client(uri)
     exp = tracking.experiment_id(c, cfg.mlflow.experiment, workdir)
@@ -104,7 +127,13 @@ def _compare(cfg: PipelineConfig, workdir: Path, methods: list[str], seeds: int,
     )
     cid = run.info.run_id
     seed_list = [cfg.run.seed + i for i in range(seeds)]
-    tracking.log_params(c, cid, {"compare": {"methods": ",".join(methods), "seeds": ",".join(map(str, seed_list)), "equal_steps": equal_steps}})
+    tracking.log_params(
+        c, cid,
+        {"compare": {
+            "methods": ",".join(methods), "seeds": ",".join(map(str, seed_list)), "equal_steps": equal_steps,
+            "noise_rates": "" if noise_rates is None else ",".join(f"{r:g}" for r in noise_rates),
+        }},
+    )  # fmt: skip
     base = cfg.model_dump(mode="json")
     steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
     variants: list[dict] = []
@@ -112,26 +141,27 @@ def _compare(cfg: PipelineConfig, workdir: Path, methods: list[str], seeds: int,
     pairs = prompts = None
     status = "FAILED"
     try:
-        for method in methods:
-            for seed in seed_list:
-                manifest = realign(
-                    variant_config(base, method, seed, steps if equal_steps else None),
-                    progress=progress, parent_run_id=cid,
-                )
-                stages = manifest["stages"]
-                trained = stages["train"]["metrics"]
-                evaluation = stages["evaluate"]["metrics"]
-                if equal_steps and steps is None:
-                    steps = int(trained["global_step"])
-                pairs = stages["triage"]["metrics"]["train_total"]
-                prompts = evaluation.get("n")
-                variants.append(
-                    {
-                        "method": method, "noise_rate": None, "seed": seed, "metrics": evaluation,
-                        "samples": trained.get("samples"), "steps": int(trained["global_step"]),
-                    }
-                )
-                runs.append({"method": method, "seed": seed, "run_id": manifest["run_id"], "manifest": manifest["manifest_path"]})
+        for rate, method, seed in ((r, m, s) for r in (noise_rates or [None]) for m in methods for s in seed_list):
+            manifest = realign(
+                variant_config(base, method, seed, steps if equal_steps else None, rate),
+                progress=progress, parent_run_id=cid,
+            )
+            stages = manifest["stages"]
+            trained = stages["train"]["metrics"]
+            evaluation = stages["evaluate"]["metrics"]
+            if equal_steps and steps is None:
+                steps = int(trained["global_step"])
+            pairs = stages["triage"]["metrics"]["train_total"]
+            prompts = evaluation.get("n")
+            variants.append(
+                {
+                    "method": method, "noise_rate": rate, "seed": seed, "metrics": evaluation,
+                    "samples": trained.get("samples"), "steps": int(trained["global_step"]),
+                }
+            )
+            runs.append(
+                {"method": method, "seed": seed, "noise_rate": rate, "run_id": manifest["run_id"], "manifest": manifest["manifest_path"]}
+            )
         ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, cid, progress)
         report = comparison_report(variants, _note(pairs, steps, prompts, equal_steps), run=ctx.as_dict())
         out = {
@@ -139,6 +169,7 @@ def _compare(cfg: PipelineConfig, workdir: Path, methods: list[str], seeds: int,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(),
             "methods": methods,
             "seeds": seed_list,
+            "noise_rates": noise_rates,
             "equal_steps": equal_steps,
             "steps": steps,
             "variants": runs,

@@ -37,6 +37,10 @@ def preflight(cfg: PipelineConfig) -> None:
             from trace_realign.core.evaluation import load_generation_labels
 
             load_generation_labels(value, policy, setting=setting)
+    if cfg.evaluation.enabled and cfg.evaluation.lm_eval.tasks:
+        from trace_realign.core.evaluation.benchmarks import plan_benchmarks
+
+        plan_benchmarks(cfg.evaluation.lm_eval)
     check_names(cfg)
 
 

@@ -248,7 +248,7 @@ def _realign(
                 pairs=loaded.artifacts["pairs"], verdicts=verdicts, triage=cfg.section("triage"),
                 holdout_fraction=cfg.evaluation.holdout_fraction if cfg.evaluation.enabled else 0.0,
                 shard_size=cfg.data.shard_size, policy_path=str(Path(cfg.policy.path).resolve()),
-                policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"), run=run,
+                policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle", "triage"), run=run,
             )
             _log_triage_plot(c, pid, triaged)
         if reaches("reference"):

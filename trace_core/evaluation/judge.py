@@ -19,10 +19,13 @@ from trace_realign.core.triage import TriagedPair
 def local_judge_from_verdicts(triaged: Sequence[TriagedPair], policy: Policy, *, seed: int = 0) -> LocalJudge:
     """A local judge (:func:`~trace_realign.core.oracle.local_judges.fit_local_judge`) trained on the
     responses of ``triaged`` pairs labelled by their verdicts (a response with an unknown verdict is
-    left out), with the response's ``refusal`` annotation where it has one; its held-out split is
-    drawn under ``seed``. Raises DataError when the verdicts have one class only."""
+    left out, and so is a pair whose verdicts the oracle-noise study changed: the judge learns the
+    oracle's own verdicts), with the response's ``refusal`` annotation where it has one; its held-out
+    split is drawn under ``seed``. Raises DataError when the verdicts have one class only."""
     items, labels = [], []
     for t in triaged:
+        if t.noise is not None:
+            continue
         sides = (
             (t.pair.chosen, t.chosen_compliant, t.pair.chosen_annotations),
             (t.pair.rejected, t.rejected_compliant, t.pair.rejected_annotations),
