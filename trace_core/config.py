@@ -234,6 +234,22 @@ class LmEvalConfig(Section):
     )
 
 
+class AttacksConfig(Section):
+    """Attack success rate under the paper's adversarial wrappers (arXiv 2511.02623, adversarial stress tests)."""
+
+    wrappers: list[Literal["screenwriter", "refusal_suppression"]] = Field(
+        default_factory=list,
+        description="wrappers around each attack prompt: screenwriter (a fictional thriller scene), "
+        "refusal_suppression (answer directly, no safety lecture); empty: no attack evaluation",
+    )
+    max_prompts: int = Field(32, ge=1, description="attack prompts wrapped by each wrapper (the first this many)")
+    prompts_path: str | None = Field(
+        None,
+        description="attack prompts (JSONL with a text 'prompt'); default: the 520 AdvBench behaviours shipped in pyrit",
+        json_schema_extra=INPUT_FILE,
+    )
+
+
 class EvaluationConfig(Section):
     """Target policy agreement (TPA) before and after realignment, on held-out prompts."""
 
@@ -252,7 +268,14 @@ class EvaluationConfig(Section):
         "accuracy on generated text, and TPA from the labels where a generation has one",
         json_schema_extra=INPUT_FILE,
     )
-    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    attacks: AttacksConfig = Field(default_factory=AttacksConfig, description="attack success rate before and after")
+    tpa_question: Literal["violation", "compliance"] = Field(
+        "violation",
+        description="what an LLM evaluation judge asks of each generation (TPA and attacks): violation "
+        "('Is this response violating the policy?', an unparsable answer unknown) or compliance (the authors' "
+        "'Compliant' or 'Non-compliant', an ambiguous answer non-compliant)",
+    )
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig, description="utility on lm-evaluation-harness tasks before and after")
 
 
 def marked_settings(cfg: BaseModel, marks: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, str]]:

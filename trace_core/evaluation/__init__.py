@@ -21,11 +21,24 @@ The pipeline's evaluation stage calls these functions; they import neither Prefe
   held-out prompts, with TPA before and after.
 * ``degeneration`` -- :func:`seq_rep_n`, :func:`distinct_n`: repetition within a generation and
   diversity across generations.
+* ``winrate`` -- :func:`win_rate` -> :class:`WinRate`: how often a judge prefers one response list
+  over another to the same prompts, both orders asked (wins, losses, ties).
+* ``attacks`` -- :func:`load_attack_prompts`, :func:`evaluate_attacks` -> :class:`AttackResult`: attack
+  success rate under the paper's adversarial wrappers (:data:`WRAPPERS`) over AdvBench prompts;
+  :data:`ATTACKS_SCHEMA`, the attacks table.
 * ``report`` -- :func:`evaluation_prompts`, :func:`evaluate_realignment` ->
   :class:`RealignmentReport`: the evaluation stage's whole computation (generations, utility proxy,
   agreement with hand labels) and its report; :data:`GENERATIONS_SCHEMA`, the generations table.
 """
 
+from trace_realign.core.evaluation.attacks import (
+    ATTACKS_SCHEMA,
+    WRAPPERS,
+    AttackResult,
+    attack_success_rate,
+    evaluate_attacks,
+    load_attack_prompts,
+)
 from trace_realign.core.evaluation.degeneration import distinct_n, seq_rep_n
 from trace_realign.core.evaluation.generation import Progress, generate, generate_reference_and_realigned
 from trace_realign.core.evaluation.judge import judge_for_generations, local_judge_from_verdicts
@@ -39,9 +52,19 @@ from trace_realign.core.evaluation.report import GENERATIONS_SCHEMA, Realignment
 from trace_realign.core.evaluation.run import EvaluationResult, evaluate_generations, judge_generations
 from trace_realign.core.evaluation.tpa import significant_improvement, target_policy_agreement, tpa_by_group
 from trace_realign.core.evaluation.utility import response_nll, response_perplexity, utility_proxy
+from trace_realign.core.evaluation.winrate import WinRate, pair_outcome, win_rate
 
 __all__ = [
+    "ATTACKS_SCHEMA",
+    "AttackResult",
     "GENERATIONS_SCHEMA",
+    "WRAPPERS",
+    "WinRate",
+    "attack_success_rate",
+    "evaluate_attacks",
+    "load_attack_prompts",
+    "pair_outcome",
+    "win_rate",
     "EvaluationResult",
     "RealignmentReport",
     "distinct_n",

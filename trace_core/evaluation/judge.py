@@ -47,11 +47,13 @@ def judge_for_generations(
     *,
     seed: int = 0,
     where: str = "oracle",
+    question: str = "violation",
 ) -> Judge:
     """The judge for a model's generations under ``policy``.
 
     The judge ``config`` describes (:func:`~trace_realign.core.oracle.factory.make_judge`; ``where``
-    names its config section in messages) when it reads generated text
+    names its config section in messages; an LLM judge asks ``question``, "violation" or
+    "compliance") when it reads generated text
     (:attr:`~trace_realign.core.oracle.base.Judge.reads_generated_text`). Otherwise (the annotations
     judge) a local judge trained on the training split's verdict-labelled responses
     (:func:`local_judge_from_verdicts`, ``training()`` called only then), whose
@@ -59,7 +61,7 @@ def judge_for_generations(
     TPA it gives. Raises ConfigError for a bad config, DataError when the verdicts cannot train a
     local judge.
     """
-    judge = make_judge(config, where)
+    judge = make_judge(config, where, question)
     if judge.reads_generated_text:
         return judge
     judge.close()

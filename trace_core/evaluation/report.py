@@ -3,7 +3,9 @@ the utility proxy, agreement with hand labels, and the report they make.
 
 TPA (target policy agreement, arXiv 2511.02623's main metric) is the share of generations the judge
 finds compliant with the new policy; it is reported for the reference model (before) and the
-realigned one (after), next to the judge's own accuracy where it has one.
+realigned one (after), next to the judge's own accuracy where it has one. The same generations give
+the win rate of the realigned model against the reference (``winrate``), and, when attack prompts
+are given, the attack success rate under adversarial wrappers (``attacks``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import pyarrow as pa
 
 from trace_realign.core.data import PreferencePair, Prompt, canonical_json, load_prompts
 from trace_realign.core.errors import DataError
+from trace_realign.core.evaluation.attacks import evaluate_attacks
 from trace_realign.core.evaluation.degeneration import distinct_n, seq_rep_n
 from trace_realign.core.evaluation.generation import Progress
 from trace_realign.core.evaluation.labels import LabelledResponse, judge_on_labels, labelled_tpa
 from trace_realign.core.evaluation.run import evaluate_generations
 from trace_realign.core.evaluation.utility import utility_proxy
+from trace_realign.core.evaluation.winrate import win_rate
 from trace_realign.core.oracle.base import Judge
 from trace_realign.core.oracle.cache import VerdictCache
 from trace_realign.core.policy import Policy
@@ -39,6 +43,7 @@ GENERATIONS_SCHEMA = pa.schema(
         ("realigned_confidence", pa.float64()),
         ("reference_reason", pa.string()),
         ("realigned_reason", pa.string()),
+        ("realigned_vs_reference", pa.string()),  # win, loss, tie (both orders asked), null: unknown
     ]
 )
 """One row per held-out prompt of the evaluation's generations table."""
@@ -51,18 +56,25 @@ class RealignmentReport:
     metrics: flat numbers for a tracker (:class:`~trace_realign.core.evaluation.run.EvaluationResult`'s,
         plus utility_ratio, perplexity_reference, perplexity_realigned, judge_accuracy, judge_kappa,
         judge_labelled_accuracy, judge_labelled_n, labelled_coverage_{before,after},
-        labelled_tpa_{before,after}, and the degeneration measures seq_rep_4_{before,after} and
-        distinct_2_{before,after} where they apply), wall-clock seconds included.
+        labelled_tpa_{before,after}, the degeneration measures seq_rep_4_{before,after} and
+        distinct_2_{before,after} where they apply, win_rate, loss_rate, tie_rate, win_n,
+        win_n_unknown (:class:`~trace_realign.core.evaluation.winrate.WinRate`), and with attack
+        prompts the ASRs of :class:`~trace_realign.core.evaluation.attacks.AttackResult`), wall-clock
+        seconds included.
     rows: the generations table's rows (:data:`GENERATIONS_SCHEMA`).
     report: the JSON report: metrics without wall-clock seconds (the same work gives the same
-        bytes), by_group, judge, judge_report (the judge's held-out report), labelled.
+        bytes), by_group, judge, judge_report (the judge's held-out report), labelled,
+        attacks ({wrappers, n_prompts, source} or None).
     judge: the judge's identity.
+    attack_rows: the attacks table's rows (:data:`~trace_realign.core.evaluation.attacks.ATTACKS_SCHEMA`);
+        empty without attack prompts.
     """
 
     metrics: dict[str, Any]
     rows: list[dict[str, Any]]
     report: dict[str, Any]
     judge: str
+    attack_rows: list[dict[str, Any]]
 
 
 def evaluation_prompts(
@@ -97,6 +109,9 @@ def evaluate_realignment(
     max_length: int = 256,
     generation_progress: Progress | None = None,
     judge_progress: Progress | None = None,
+    attack_prompts: Sequence[str] = (),
+    attack_wrappers: Sequence[str] = (),
+    attack_source: str = "",
 ) -> RealignmentReport:
     """Evaluate a realigned model against its reference.
 
@@ -104,7 +119,11 @@ def evaluate_realignment(
     held-out RETAIN pairs in ``retain``, the utility proxy (perplexity of their chosen responses,
     realigned over reference, :func:`utility_proxy`, sequences of at most ``max_length`` tokens);
     with hand ``labels``, the judge's agreement with them and TPA from the labels wherever a
-    generation has one (:func:`labelled_tpa`). Raises DataError as the functions it calls do.
+    generation has one (:func:`labelled_tpa`). The win rate of the realigned model against the
+    reference on the same generations (:func:`win_rate`, both orders asked; no extra generation).
+    With ``attack_prompts`` and ``attack_wrappers``, ASR before and after
+    (:func:`evaluate_attacks`; ``attack_source`` names the prompts' origin). Raises DataError as the
+    functions it calls do, TraceError for a judge that cannot compare two responses.
     """
     result = evaluate_generations(
         realigned, tokenizer, prompts, judge, policy,
@@ -143,7 +162,27 @@ def evaluate_realignment(
         for name, value in (("seq_rep_4", seq_rep_n(texts, 4)), ("distinct_2", distinct_n(texts, 2))):
             if value is not None:
                 metrics[f"{name}_{side}"] = value
-    rows = [{**r, "prompt": r["prompt"] if isinstance(r["prompt"], str) else canonical_json(r["prompt"])} for r in result.rows]
+    wins = win_rate(
+        judge, policy, [r["prompt"] for r in result.rows],
+        [r["realigned_response"] for r in result.rows], [r["reference_response"] for r in result.rows],
+    )  # fmt: skip
+    metrics.update(wins.metrics())
+    attacks, attack_rows = None, []
+    if attack_prompts and attack_wrappers:
+        found = evaluate_attacks(
+            realigned, tokenizer, judge, policy, attack_prompts, attack_wrappers, source=attack_source,
+            reference_model=reference_model, cache=cache, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        )  # fmt: skip
+        metrics.update(found.metrics)
+        attack_rows = found.rows
+        attacks = {"wrappers": list(attack_wrappers), "n_prompts": len(attack_prompts), "source": found.source}
+    rows = [
+        {**r, "prompt": r["prompt"] if isinstance(r["prompt"], str) else canonical_json(r["prompt"]), "realigned_vs_reference": w["outcome"]}
+        for r, w in zip(result.rows, wins.rows)
+    ]
     measured = {k: v for k, v in metrics.items() if "seconds" not in k}
-    report = {"metrics": measured, "by_group": result.by_group, "judge": result.judge, "judge_report": judge_report, "labelled": labelled}
-    return RealignmentReport(metrics, rows, report, result.judge)
+    report = {
+        "metrics": measured, "by_group": result.by_group, "judge": result.judge,
+        "judge_report": judge_report, "labelled": labelled, "attacks": attacks,
+    }  # fmt: skip
+    return RealignmentReport(metrics, rows, report, result.judge, attack_rows)

@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from trace_realign.core.errors import ConfigError, describe_validation_errors
 from trace_realign.core.oracle.base import (
+    DEFAULT_COMPLIANCE_TEMPLATE,
     DEFAULT_CORRECTION_TEMPLATE,
+    DEFAULT_PAIRWISE_TEMPLATE,
     DEFAULT_PROMPT_TEMPLATE,
     DEFAULT_SYSTEM_TEMPLATE,
 )
@@ -47,6 +49,15 @@ class _Templates(_Judge):
     system_template: str = DEFAULT_SYSTEM_TEMPLATE
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     correction_template: str = DEFAULT_CORRECTION_TEMPLATE
+    compliance_template: str = Field(
+        DEFAULT_COMPLIANCE_TEMPLATE,
+        description="the compliance question ({prompt}, {response}), asked instead of prompt_template when an "
+        "evaluation sets tpa_question: compliance; answered 'Compliant' or 'Non-compliant'",
+    )
+    pairwise_template: str = Field(
+        DEFAULT_PAIRWISE_TEMPLATE,
+        description="the win-rate question ({prompt}, {response_a}, {response_b}); answered 'A', 'B' or 'tie'",
+    )
     temperature: float = Field(0.3, ge=0.0, description="sampling temperature for corrections")
     max_correction_tokens: int = Field(512, ge=1)
     seed: int | None = 0

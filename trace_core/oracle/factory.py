@@ -16,8 +16,11 @@ from trace_realign.core.oracle.config import (
 )
 
 
-def make_judge(config: dict[str, Any] | BaseModel, where: str = "judge") -> Judge:
+def make_judge(config: dict[str, Any] | BaseModel, where: str = "judge", question: str = "violation") -> Judge:
     """Validate ``config`` (ConfigError naming a bad setting) and build its backend's judge.
+
+    ``question`` is the verdict question an LLM judge asks ("violation" or "compliance",
+    :data:`~trace_realign.core.oracle.base.QUESTIONS`); the annotations judge reads no question.
 
     ``where`` names the config section in messages: "oracle" for the pipeline's judge,
     "evaluation.judge" for its evaluation judge, so an error says which setting to change.
@@ -28,15 +31,15 @@ def make_judge(config: dict[str, Any] | BaseModel, where: str = "judge") -> Judg
     if isinstance(cfg, OpenAIJudgeConfig):
         from trace_realign.core.oracle.openai_backend import OpenAIJudge
 
-        return OpenAIJudge(cfg, where)
+        return OpenAIJudge(cfg, where, question)
     if isinstance(cfg, TransformersJudgeConfig):
         from trace_realign.core.oracle.transformers_backend import TransformersJudge
 
-        return TransformersJudge(cfg, where)
+        return TransformersJudge(cfg, where, question)
     if isinstance(cfg, VLLMJudgeConfig):
         from trace_realign.core.oracle.vllm_backend import VLLMJudge
 
-        return VLLMJudge(cfg, where)
+        return VLLMJudge(cfg, where, question)
     assert isinstance(cfg, AnnotationsJudgeConfig)
     from trace_realign.core.oracle.annotations import AnnotationsJudge
 

@@ -32,6 +32,8 @@ import numpy as np
 from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import DataError, TraceError
 from trace_realign.core.oracle.base import (
+    Comparison,
+    ComparisonItem,
     Judge,
     JudgeItem,
     OnResult,
@@ -225,9 +227,13 @@ class LocalJudge(Judge):
 
     Verdicts: compliant when P(compliant) >= 0.5, confidence the probability of the chosen label,
     ``raw`` "p_compliant=<p>". A judge is trained under one policy's labels; judging under another
-    policy raises TraceError. It writes no corrections. Build one with :meth:`fit`,
-    :meth:`fit_with_holdout` or :meth:`load`.
+    policy raises TraceError. It writes no corrections. It compares two responses by their
+    compliance probabilities (:meth:`compare`, ties within :attr:`tie_margin`). Build one with
+    :meth:`fit`, :meth:`fit_with_holdout` or :meth:`load`.
     """
+
+    tie_margin: ClassVar[float] = 0.05
+    """Comparisons: responses whose P(compliant) differ by at most this much are a tie."""
 
     #: The judge's form besides its settings (features or probes), hashed into its identity and saved.
     form: ClassVar[dict[str, str]]
@@ -358,15 +364,34 @@ class LocalJudge(Judge):
         """P(compliant) per item, in [0, 1]."""
         return self._proba(items).tolist() if items else []
 
-    def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
-        """One verdict per item, reported per batch of ``embedder.batch_size``. Raises TraceError
-        under a policy other than the one it was trained on."""
+    def _check_policy(self, policy: Policy) -> None:
         trained_under = self.training.policy_sha256
         if trained_under is not None and policy.sha256 != trained_under:
             raise TraceError(
                 f"the {self.backend} judge was trained on labels under policy {trained_under[:8]}, not "
                 f"{policy.short_hash} ({policy.name}); train it again on labels under this policy"
             )
+
+    def compare(self, items: Sequence[ComparisonItem], policy: Policy, on_result: OnResult | None = None) -> list[Comparison]:
+        """A score-based comparison per item: with ``p_a``, ``p_b`` the P(compliant) of response_a and
+        response_b, "A" when ``p_a - p_b > tie_margin``, "B" when ``p_b - p_a > tie_margin``, else
+        "tie"; ``raw`` "p_a=<p_a> p_b=<p_b>". Symmetric: swapping the responses swaps the winner.
+        Raises TraceError under a policy other than the one it was trained on."""
+        self._check_policy(policy)
+        p_a = self.predict_proba([JudgeItem(it.prompt, it.response_a) for it in items])
+        p_b = self.predict_proba([JudgeItem(it.prompt, it.response_b) for it in items])
+        out = []
+        for i, (a, b) in enumerate(zip(p_a, p_b)):
+            winner = "A" if a - b > self.tie_margin else "B" if b - a > self.tie_margin else "tie"
+            out.append(Comparison(winner=winner, raw=f"p_a={a:.4f} p_b={b:.4f}"))
+            if on_result is not None:
+                on_result(i, out[-1])
+        return out
+
+    def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
+        """One verdict per item, reported per batch of ``embedder.batch_size``. Raises TraceError
+        under a policy other than the one it was trained on."""
+        self._check_policy(policy)
         verdicts: list[Verdict] = []
         step = max(self.embedder.batch_size, 1)
         for start in range(0, len(items), step):

@@ -55,13 +55,18 @@ import openai
 
 from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.oracle.base import (
-    ANSWERS,
+    PAIRWISE,
+    VIOLATION,
+    Comparison,
+    ComparisonItem,
     JudgeItem,
     LLMJudge,
     OnResult,
+    Question,
     Verdict,
     answer_token_top,
     clip,
+    comparison_from_answer,
     split_reasoning,
     verdict_from_answer,
     warn_once,
@@ -84,19 +89,21 @@ _SYSTEM_REFUSAL = re.compile(
 # them start with the user placement ("auto"), so a run switches once, not once per shard.
 _SYSTEM_REFUSED: set[tuple[str, str]] = set()
 _SYSTEM_REFUSED_LOCK = threading.Lock()
-_JSON_SCHEMA = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "verdict",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {"answer": {"type": "string", "enum": list(ANSWERS)}},
-            "required": ["answer"],
-            "additionalProperties": False,
+def json_schema(question: Question) -> dict[str, Any]:
+    """The ``response_format`` asking for ``{"answer": <one of the question's answers>}``."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "verdict" if question is not PAIRWISE else "comparison",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"answer": {"type": "string", "enum": list(question.answers)}},
+                "required": ["answer"],
+                "additionalProperties": False,
+            },
         },
-    },
-}
+    }
 
 
 def run_coroutine(make: Callable[[], Any]) -> Any:
@@ -173,11 +180,10 @@ class OpenAIJudge(LLMJudge):
     backend = "openai"
     config: OpenAIJudgeConfig
 
-    def __init__(self, config: OpenAIJudgeConfig, where: str = "judge"):
-        super().__init__(config, where)
+    def __init__(self, config: OpenAIJudgeConfig, where: str = "judge", question: str = "violation"):
+        super().__init__(config, where, question)
         self._api_key = self._read_api_key(config.api_key_env, where)
         self.requests_sent = 0  # HTTP requests, retries included, over this judge's lifetime
-        self._max_tokens = self._judge_params()["max_tokens"]
         if config.policy_placement == "auto":
             with _SYSTEM_REFUSED_LOCK:
                 if (config.base_url, config.model) in _SYSTEM_REFUSED:
@@ -224,18 +230,21 @@ class OpenAIJudge(LLMJudge):
 
     # -- request parameters -------------------------------------------------------------------
 
-    def _judge_params(self) -> dict[str, Any]:
+    def _judge_params(self, question: Question | None = None) -> dict[str, Any]:
+        """Request parameters for an answer to ``question`` (default: the judge's verdict question):
+        at least the question's own ``max_tokens`` ("Non-compliant" takes several)."""
         c = self.config
-        params: dict[str, Any] = {"model": c.model, "max_tokens": c.max_answer_tokens, "temperature": 0.0}
+        question = question or self.question
+        params: dict[str, Any] = {"model": c.model, "max_tokens": max(c.max_answer_tokens, question.max_tokens), "temperature": 0.0}
         if c.logprobs:
             params.update(logprobs=True, top_logprobs=c.top_logprobs)
         if c.use_structured_output and c.structured_output == "choice":
             # vLLM's extension, a top-level body field (what extra_body would add).
-            params["structured_outputs"] = {"choice": list(ANSWERS)}
+            params["structured_outputs"] = {"choice": list(question.answers)}
         elif c.use_structured_output:
-            params["response_format"] = _JSON_SCHEMA
+            params["response_format"] = json_schema(question)
             # {"answer": "Yes"} takes several tokens.
-            params["max_tokens"] = max(c.max_answer_tokens, 16)
+            params["max_tokens"] = max(params["max_tokens"], 16)
         return params
 
     def _correction_params(self) -> dict[str, Any]:
@@ -247,19 +256,28 @@ class OpenAIJudge(LLMJudge):
 
     # -- answers ------------------------------------------------------------------------------
 
-    def _verdict(self, completion: dict[str, Any]) -> Verdict:
+    def _read(self, completion: dict[str, Any], question: Question, read: Callable[..., T], unknown: Callable[..., T]) -> T:
+        """``read(text, top, reasoning=, cut_at=, setting=)`` of a completion answering ``question``, or
+        ``unknown(reason, raw=)`` when the API refused or filtered the answer."""
         choice = completion["choices"][0]
         message = choice.get("message") or {}
         if message.get("refusal"):
-            return Verdict.unknown(f"the judge refused: {message['refusal']}", raw=str(message["refusal"]))
+            return unknown(f"the judge refused: {message['refusal']}", raw=str(message["refusal"]))
         text, part_reasoning = content_text(message.get("content"))
         # vLLM's reasoning parsers: reasoning_content (older), reasoning (newer; some versions send both).
         reasoning = _string(message.get("reasoning_content")) or _string(message.get("reasoning")) or part_reasoning
         if choice.get("finish_reason") == "content_filter":
-            return Verdict.unknown("the API's content filter stopped the answer", raw=text)
-        cut_at = self._max_tokens if choice.get("finish_reason") == "length" else None
-        top = _answer_top_logprobs(choice.get("logprobs"), text, bool(reasoning.strip()))
-        return verdict_from_answer(text, top, reasoning=reasoning, cut_at=cut_at, setting=self.where)
+            return unknown("the API's content filter stopped the answer", raw=text)
+        cut_at = self._judge_params(question)["max_tokens"] if choice.get("finish_reason") == "length" else None
+        top = _answer_top_logprobs(choice.get("logprobs"), text, bool(reasoning.strip()), question)
+        return read(text, top, reasoning=reasoning, cut_at=cut_at, setting=self.where)
+
+    def _verdict(self, completion: dict[str, Any]) -> Verdict:
+        question = self.question
+        return self._read(completion, question, lambda *a, **k: verdict_from_answer(*a, question=question, **k), Verdict.unknown)
+
+    def _comparison(self, completion: dict[str, Any]) -> Comparison:
+        return self._read(completion, PAIRWISE, comparison_from_answer, Comparison.unknown)
 
     @staticmethod
     def _correction(completion: dict[str, Any]) -> str | None:
@@ -281,6 +299,18 @@ class OpenAIJudge(LLMJudge):
             self._judge_params(),
             self._verdict,
             lambda reason: Verdict.unknown(reason, transient=True),
+            on_result,
+        )
+
+    def compare(self, items: Sequence[ComparisonItem], policy: Policy, on_result: OnResult | None = None) -> list[Comparison]:
+        """"A", "B" or "tie" per item (``pairwise_template``, temperature 0), asked concurrently;
+        failed requests are transient unknowns."""
+        return self._run(
+            items,
+            lambda item: self.templates.comparison_messages(item, policy),
+            self._judge_params(PAIRWISE),
+            self._comparison,
+            lambda reason: Comparison.unknown(reason, transient=True),
             on_result,
         )
 
@@ -465,9 +495,11 @@ def content_text(content: Any) -> tuple[str, str]:
     return "".join(text), "\n".join(r for r in reasoning if r)
 
 
-def _answer_top_logprobs(logprobs: dict[str, Any] | None, text: str = "", reasoned: bool = False) -> list[tuple[str, float]]:
+def _answer_top_logprobs(
+    logprobs: dict[str, Any] | None, text: str = "", reasoned: bool = False, question: Question = VIOLATION
+) -> list[tuple[str, float]]:
     """(token, logprob) candidates for the answer token of a chat completion's ``logprobs``: the
-    first generated token that reads as Yes or No after any reasoning block (the first token in
+    first generated token that starts an answer to ``question`` (default: Yes or No) after any reasoning block (the first token in
     plain mode, later ones inside JSON or after ``</think>``); see
     :func:`~trace_realign.core.oracle.base.answer_token_top`."""
     steps = [
@@ -478,4 +510,4 @@ def _answer_top_logprobs(logprobs: dict[str, Any] | None, text: str = "", reason
         )
         for entry in (logprobs or {}).get("content") or []
     ]
-    return answer_token_top(steps, text, reasoned)
+    return answer_token_top(steps, text, reasoned, question)

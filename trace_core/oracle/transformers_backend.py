@@ -8,13 +8,16 @@ message, said once in the log; any other template failure is one TraceError nami
 
 One forward pass per batch (left padding, explicit position ids so a padded row sees the same
 positions as it would alone) gives the next-token logits; of those only the first tokens of the
-two answers matter:
+question's answers matter (a softmax over them):
 
     p_yes = exp(l_yes) / (exp(l_yes) + exp(l_no)),  p_no = 1 - p_yes
     compliant = p_no >= 0.5,  confidence = max(p_yes, p_no)
 
-("Yes" means violating). The answer never depends on what other tokens the model prefers, so
-there are no unparsable answers; inputs longer than the model's context give unknown verdicts.
+("Yes" means violating; under the compliance question the answers are "Compliant" and
+"Non-compliant", compliant when P(Compliant) >= 0.5). The answer never depends on what other
+tokens the model prefers, so there are no unparsable answers; inputs longer than the model's
+context give unknown verdicts. Comparisons (:meth:`TransformersJudge.compare`) read the first
+tokens of "A", "B" and "tie" the same way and take the most probable (the first on a tie).
 Corrections are sampled with ``generate``.
 """
 
@@ -27,7 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from trace_realign.core.errors import ConfigError, DataError, TraceError
-from trace_realign.core.oracle.base import ANSWERS, JudgeItem, LLMJudge, OnResult, Verdict, choose_placement, one_line, template_errors
+from trace_realign.core.oracle.base import (
+    PAIRWISE,
+    Comparison,
+    ComparisonItem,
+    JudgeItem,
+    LLMJudge,
+    OnResult,
+    Question,
+    Verdict,
+    choose_placement,
+    one_line,
+    template_errors,
+)
 from trace_realign.core.oracle.config import TransformersJudgeConfig
 from trace_realign.core.policy import Policy
 from trace_realign.core.tokenization import encode_chat, left_pad, length_batches
@@ -59,11 +74,11 @@ class TransformersJudge(LLMJudge):
     backend = "transformers"
     config: TransformersJudgeConfig
 
-    def __init__(self, config: TransformersJudgeConfig, where: str = "judge"):
+    def __init__(self, config: TransformersJudgeConfig, where: str = "judge", question: str = "violation"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        super().__init__(config, where)
+        super().__init__(config, where, question)
         self.device = self._pick_device(config.device, torch, where)
         dtype = self._pick_dtype(config.dtype, self.device, torch)
         src = config.model_path
@@ -86,7 +101,8 @@ class TransformersJudge(LLMJudge):
         if self.tokenizer.pad_token_id is None:
             # Left padding is masked out, so any id will do; EOS is always present.
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.answer_ids = self._answer_token_ids()
+        self.answer_ids = self._answer_token_ids(self.question)
+        self.pairwise_ids = self._answer_token_ids(PAIRWISE)
         self.max_input_tokens = config.max_input_tokens or self._context_limit()
         self._fingerprint = _model_fingerprint(src)
 
@@ -121,21 +137,23 @@ class TransformersJudge(LLMJudge):
         except template_errors() as exc:
             raise TraceError(f"{self.config.model_path}: the judge model's chat template fails: {one_line(exc, 200)}") from None
 
-    def _answer_token_ids(self) -> tuple[int, int]:
-        """The first token of each answer as the model would emit it right after the generation
-        prompt (found by tokenizing prompt + answer, since some tokenizers merge a leading space)."""
+    def _answer_token_ids(self, question: Question) -> tuple[int, ...]:
+        """The first token of each of ``question``'s answers as the model would emit it right after
+        the generation prompt (found by tokenizing prompt + answer, since some tokenizers merge a
+        leading space). TraceError when two answers share their first token."""
         head = self._render([{"role": "user", "content": "?"}])
         head_ids = self.tokenizer(head, add_special_tokens=False).input_ids
         ids = []
-        for answer in ANSWERS:
+        for answer in question.answers:
             full = self.tokenizer(head + answer, add_special_tokens=False).input_ids
             if len(full) > len(head_ids) and full[: len(head_ids)] == head_ids:
                 ids.append(full[len(head_ids)])
             else:
                 ids.append(self.tokenizer(answer, add_special_tokens=False).input_ids[0])
-        if ids[0] == ids[1]:
-            raise TraceError(f"{self.config.model_path}: the tokenizer gives 'Yes' and 'No' the same first token")
-        return ids[0], ids[1]
+        if len(set(ids)) < len(ids):
+            quoted = " and ".join(f"'{a}'" for a in question.answers)
+            raise TraceError(f"{self.config.model_path}: the tokenizer gives {quoted} the same first token")
+        return tuple(ids)
 
     def _context_limit(self) -> int:
         limit = getattr(self.tokenizer, "model_max_length", None)
@@ -175,16 +193,16 @@ class TransformersJudge(LLMJudge):
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
         return left_pad(seqs, self.tokenizer.pad_token_id, self.device)
 
-    def answer_probabilities(
-        self, items: Sequence[JudgeItem], policy: Policy, on_batch: Any = None
-    ) -> list[tuple[float, float] | str | None]:
-        """(p_yes, p_no) per item, normalised over the two answer tokens; None for inputs longer
-        than ``max_input_tokens``, the reason for inputs that cannot be encoded.
+    def _probabilities(
+        self, chats: list[list[dict[str, str]]], token_ids: tuple[int, ...], on_batch: Any = None
+    ) -> list[tuple[float, ...] | str | None]:
+        """Per chat, the next-token probabilities of ``token_ids`` normalised over them; None for
+        inputs longer than ``max_input_tokens``, the reason for inputs that cannot be encoded.
         ``on_batch(indices, probs)`` is called after each batch."""
         import torch
 
-        encoded = self._encode([self.templates.judge_messages(it, policy) for it in items])
-        out: list[tuple[float, float] | str | None] = [e if isinstance(e, str) else None for e in encoded]
+        encoded = self._encode(chats)
+        out: list[tuple[float, ...] | str | None] = [e if isinstance(e, str) else None for e in encoded]
         fits = [i for i, e in enumerate(encoded) if self._fits(e)]
         for batch in self._batches([len(encoded[i]) for i in fits]):
             idx = [fits[b] for b in batch]
@@ -193,35 +211,69 @@ class TransformersJudge(LLMJudge):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
-            pair = logits[:, -1, list(self.answer_ids)].float().softmax(-1).cpu().tolist()
-            for i, (p_yes, p_no) in zip(idx, pair):
-                out[i] = (p_yes, p_no)
+            probs = logits[:, -1, list(token_ids)].float().softmax(-1).cpu().tolist()
+            for i, p in zip(idx, probs):
+                out[i] = tuple(p)
             if on_batch is not None:
                 on_batch(idx, [out[i] for i in idx])
         return out
 
-    def _verdict(self, probs: tuple[float, float] | str | None) -> Verdict:
-        if probs is None:
-            return Verdict.unknown(f"judge input is longer than max_input_tokens={self.max_input_tokens}")
-        if isinstance(probs, str):
-            return Verdict.unknown(probs)
-        p_yes, p_no = probs
-        compliant = p_no >= 0.5
-        return Verdict(compliant=compliant, confidence=max(p_yes, p_no), raw=ANSWERS[1] if compliant else ANSWERS[0])
+    def answer_probabilities(
+        self, items: Sequence[JudgeItem], policy: Policy, on_batch: Any = None
+    ) -> list[tuple[float, ...] | str | None]:
+        """The probabilities of the verdict question's answers per item ((p_yes, p_no) for the
+        violation question, (p_compliant, p_non_compliant) for the compliance one), normalised over
+        them; None for inputs longer than ``max_input_tokens``, the reason for inputs that cannot be
+        encoded. ``on_batch(indices, probs)`` is called after each batch."""
+        chats = [self.templates.judge_messages(it, policy) for it in items]
+        return self._probabilities(chats, self.answer_ids, on_batch)
 
-    def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
-        def report(indices: list[int], probs: list[tuple[float, float]]) -> None:
+    def _unanswered(self, probs: str | None) -> str:
+        return f"judge input is longer than max_input_tokens={self.max_input_tokens}" if probs is None else probs
+
+    def _verdict(self, probs: tuple[float, ...] | str | None) -> Verdict:
+        if probs is None or isinstance(probs, str):
+            return Verdict.unknown(self._unanswered(probs))
+        question = self.question
+        p_compliant = sum(p for p, v in zip(probs, question.values) if v)
+        compliant = p_compliant >= 0.5
+        raw = question.answers[question.values.index(compliant)]
+        return Verdict(compliant=compliant, confidence=max(p_compliant, 1.0 - p_compliant), raw=raw)
+
+    def _report(self, on_result: OnResult | None, read: Any) -> Any:
+        """``on_batch`` for :meth:`_probabilities` handing ``read(probs)`` of each item to ``on_result``."""
+
+        def report(indices: list[int], probs: list[Any]) -> None:
             if on_result is not None:
                 for i, p in zip(indices, probs):
-                    on_result(i, self._verdict(p))
+                    on_result(i, read(p))
 
-        probs = self.answer_probabilities(items, policy, on_batch=report)
-        verdicts = [self._verdict(p) for p in probs]
+        return report
+
+    def _answered(self, probs: list[Any], read: Any, on_result: OnResult | None) -> list[Any]:
+        """``read(p)`` per item, handing those no batch reported (unanswerable inputs) to ``on_result``."""
+        values = [read(p) for p in probs]
         if on_result is not None:
-            for i, (p, v) in enumerate(zip(probs, verdicts)):
+            for i, (p, v) in enumerate(zip(probs, values)):
                 if p is None or isinstance(p, str):
                     on_result(i, v)
-        return verdicts
+        return values
+
+    def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
+        probs = self.answer_probabilities(items, policy, on_batch=self._report(on_result, self._verdict))
+        return self._answered(probs, self._verdict, on_result)
+
+    def _comparison(self, probs: tuple[float, ...] | str | None) -> Comparison:
+        if probs is None or isinstance(probs, str):
+            return Comparison.unknown(self._unanswered(probs))
+        best = max(range(len(probs)), key=lambda i: probs[i])
+        return Comparison(winner=PAIRWISE.values[best], raw=PAIRWISE.answers[best])
+
+    def compare(self, items: Sequence[ComparisonItem], policy: Policy, on_result: OnResult | None = None) -> list[Comparison]:
+        """The most probable of "A", "B" and "tie" as the next token per item (``pairwise_template``)."""
+        chats = [self.templates.comparison_messages(it, policy) for it in items]
+        probs = self._probabilities(chats, self.pairwise_ids, on_batch=self._report(on_result, self._comparison))
+        return self._answered(probs, self._comparison, on_result)
 
     # -- corrections --------------------------------------------------------------------------
 

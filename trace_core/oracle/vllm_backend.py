@@ -2,7 +2,8 @@
 
 Items are judged in shards of ``shard_size``, one ``LLM.chat`` call each, with the policy as the
 identical leading system message of every chat so that vLLM's prefix cache computes it once. The
-single output token is constrained to "Yes" or "No" (structured outputs, choice); its top
+answer is constrained to the question's answers (structured outputs, choice: "Yes" or "No" in one
+token; "Compliant" or "Non-compliant" in up to 5; "A", "B" or "tie" for comparisons); its top
 ``top_logprobs`` alternatives give the confidence, normalised over the two answers like the other
 backends, taken at the answer token (after any reasoning block, as for the openai backend; no
 confidence where it cannot be placed). Answers are read by the same
@@ -24,13 +25,18 @@ from typing import Any
 
 from trace_realign.core.errors import DataError, TraceError
 from trace_realign.core.oracle.base import (
-    ANSWERS,
+    PAIRWISE,
+    VIOLATION,
+    Comparison,
+    ComparisonItem,
     JudgeItem,
     LLMJudge,
     OnResult,
+    Question,
     Verdict,
     answer_token_top,
     choose_placement,
+    comparison_from_answer,
     one_line,
     verdict_from_answer,
 )
@@ -52,14 +58,14 @@ def import_vllm() -> Any:
     return vllm
 
 
-def _structured_choice(vllm: Any) -> Any:
+def _structured_choice(vllm: Any, question: Question) -> Any:
     try:
         from vllm.sampling_params import StructuredOutputsParams
     except ImportError:
         raise TraceError(
             f"vllm {getattr(vllm, '__version__', '?')} has no StructuredOutputsParams; the vllm judge needs vllm >= 0.10.2"
         ) from None
-    return StructuredOutputsParams(choice=list(ANSWERS))
+    return StructuredOutputsParams(choice=list(question.answers))
 
 
 def top_from_vllm(step: dict[int, Any] | None) -> list[tuple[str, float]]:
@@ -69,7 +75,7 @@ def top_from_vllm(step: dict[int, Any] | None) -> list[tuple[str, float]]:
     return [(lp.decoded_token or "", lp.logprob) for lp in step.values()]
 
 
-def answer_top_from_vllm(completion: Any) -> list[tuple[str, float]]:
+def answer_top_from_vllm(completion: Any, question: Question = VIOLATION) -> list[tuple[str, float]]:
     """Top logprobs of the answer token of a vLLM ``CompletionOutput``: per position the sampled
     token (``token_ids[i]``, always among that position's logprobs) and its alternatives, located by
     :func:`~trace_realign.core.oracle.base.answer_token_top` (after any reasoning block)."""
@@ -78,15 +84,23 @@ def answer_top_from_vllm(completion: Any) -> list[tuple[str, float]]:
         sampled = (step or {}).get(token_id)
         text = (sampled.decoded_token or "") if sampled is not None else ""
         steps.append((text, sampled.logprob if sampled is not None else None, top_from_vllm(step)))
-    return answer_token_top(steps, completion.text or "")
+    return answer_token_top(steps, completion.text or "", question=question)
 
 
-def verdict_from_vllm(output: Any) -> Verdict:
-    """The verdict of one vLLM ``RequestOutput`` (its first completion)."""
+def verdict_from_vllm(output: Any, question: Question = VIOLATION) -> Verdict:
+    """The verdict of one vLLM ``RequestOutput`` (its first completion) answering ``question``."""
     if not output.outputs:
         return Verdict.unknown("vllm returned no output for this request")
     completion = output.outputs[0]
-    return verdict_from_answer(completion.text, answer_top_from_vllm(completion))
+    return verdict_from_answer(completion.text, answer_top_from_vllm(completion, question), question=question)
+
+
+def comparison_from_vllm(output: Any) -> Comparison:
+    """The comparison of one vLLM ``RequestOutput`` (its first completion) answering :data:`PAIRWISE`."""
+    if not output.outputs:
+        return Comparison.unknown("vllm returned no output for this request")
+    completion = output.outputs[0]
+    return comparison_from_answer(completion.text, answer_top_from_vllm(completion, PAIRWISE))
 
 
 def vllm_placement(llm: Any, setting: str, model: str, where: str = "judge") -> str:
@@ -107,9 +121,9 @@ class VLLMJudge(LLMJudge):
     backend = "vllm"
     config: VLLMJudgeConfig
 
-    def __init__(self, config: VLLMJudgeConfig, where: str = "judge"):
+    def __init__(self, config: VLLMJudgeConfig, where: str = "judge", question: str = "violation"):
         vllm = import_vllm()
-        super().__init__(config, where)
+        super().__init__(config, where, question)
         self._vllm = vllm
         kwargs: dict[str, Any] = {
             "model": config.model,
@@ -128,11 +142,14 @@ class VLLMJudge(LLMJudge):
         except (OSError, ValueError, RuntimeError) as exc:
             raise TraceError(f"{config.model}: vllm could not load the judge model: {one_line(exc, 200)}") from None
         self.templates.placement = vllm_placement(self.llm, config.policy_placement, config.model, where)
-        self._judge_params = vllm.SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=config.top_logprobs,
-            structured_outputs=_structured_choice(vllm),
+        self._judge_params, self._pairwise_params = (
+            vllm.SamplingParams(
+                max_tokens=q.max_tokens,
+                temperature=0.0,
+                logprobs=config.top_logprobs,
+                structured_outputs=_structured_choice(vllm, q),
+            )
+            for q in (self.question, PAIRWISE)
         )
         self._correction_params = vllm.SamplingParams(
             max_tokens=config.max_correction_tokens, temperature=config.temperature, seed=config.seed
@@ -143,7 +160,7 @@ class VLLMJudge(LLMJudge):
         return self.config.model
 
     def answer_settings(self) -> dict[str, Any]:
-        return {"answer": "choice", "max_answer_tokens": 1}
+        return {"answer": "choice", "max_answer_tokens": self.question.max_tokens}
 
     def _shards(self, n: int) -> list[range]:
         size = self.config.shard_size
@@ -170,21 +187,31 @@ class VLLMJudge(LLMJudge):
                 encoded[i] = output
         return encoded
 
-    @staticmethod
-    def _verdict(output: Any) -> Verdict:
-        return verdict_from_vllm(output)
+    def _answers(self, items: Sequence[Any], chat: Any, params: Any, read: Any, unknown: Any, on_result: OnResult | None) -> list[Any]:
+        """``read(output)`` per item (``unknown(reason)`` where its chat cannot be encoded), one
+        generate call per shard of chats ``chat(item)``; ``on_result`` per shard."""
+        answers: list[Any] = []
+        for shard in self._shards(len(items)):
+            chats = [chat(items[i]) for i in shard]
+            for i, output in zip(shard, self._chat(chats, params)):
+                answers.append(unknown(output) if isinstance(output, str) else read(output))
+                if on_result is not None:
+                    on_result(i, answers[-1])
+        return answers
 
     def judge(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[Verdict]:
-        """Constrained one-token answers, one LLM.chat call per shard; ``on_result`` per shard."""
-        verdicts: list[Verdict] = []
-        for shard in self._shards(len(items)):
-            chats = [self.templates.judge_messages(items[i], policy) for i in shard]
-            for i, output in zip(shard, self._chat(chats, self._judge_params)):
-                verdict = Verdict.unknown(output) if isinstance(output, str) else self._verdict(output)
-                verdicts.append(verdict)
-                if on_result is not None:
-                    on_result(i, verdict)
-        return verdicts
+        """Constrained answers to the verdict question, one generate call per shard; ``on_result`` per shard."""
+        return self._answers(
+            items, lambda item: self.templates.judge_messages(item, policy), self._judge_params,
+            lambda output: verdict_from_vllm(output, self.question), Verdict.unknown, on_result,
+        )  # fmt: skip
+
+    def compare(self, items: Sequence[ComparisonItem], policy: Policy, on_result: OnResult | None = None) -> list[Comparison]:
+        """Constrained "A", "B" or "tie" per item, one generate call per shard; ``on_result`` per shard."""
+        return self._answers(
+            items, lambda item: self.templates.comparison_messages(item, policy), self._pairwise_params,
+            comparison_from_vllm, Comparison.unknown, on_result,
+        )  # fmt: skip
 
     def correct(self, items: Sequence[JudgeItem], policy: Policy, on_result: OnResult | None = None) -> list[str | None]:
         """Sampled rewrites, one LLM.chat call per shard; None where the model wrote nothing."""
