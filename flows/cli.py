@@ -1,7 +1,7 @@
 """``trace-realign``: the command-line interface.
 
     trace-realign run --config F [--set k=v ...] [--until STAGE] [--fresh STAGE]
-    trace-realign compare --config F --methods trace,naive_relabel_dpo [--seeds N]
+    trace-realign compare --config F --methods trace,naive_relabel_dpo [--seeds N] [--noise-rates 0,0.1]
     trace-realign prepare-model NAME
     trace-realign show [--workdir DIR]
     trace-realign ui [--workdir DIR] [--port N]
@@ -113,17 +113,31 @@ def cmd_run(args) -> int:
     return _in_workdir(args, "run", run_flow)
 
 
+def _noise_rates(text: str | None) -> list[float] | None:
+    """``--noise-rates 0,0.1,0.2`` as floats (checked by :func:`check_noise_rates`); None when not given."""
+    from trace_realign.core.errors import ConfigError
+    from trace_realign.flows.compare import check_noise_rates
+
+    if text is None:
+        return None
+    try:
+        return check_noise_rates([float(r) for r in text.split(",") if r.strip()])
+    except ValueError:
+        raise ConfigError(f"--noise-rates: '{text}' is not a comma-separated list of shares such as 0,0.1,0.2") from None
+
+
 def cmd_compare(args) -> int:
     from trace_realign.flows.compare import check_methods
 
     check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    noise_rates = _noise_rates(args.noise_rates)
 
     def run_flow(cfg) -> int:
         from trace_realign.flows.compare import compare
 
         out = compare(
             cfg.model_dump(mode="json"), [m.strip() for m in args.methods.split(",") if m.strip()], seeds=args.seeds,
-            equal_steps=args.steps == "equal", progress=not args.no_progress,
+            equal_steps=args.steps == "equal", progress=not args.no_progress, noise_rates=noise_rates,
         )
         print()
         print(out["markdown"])
@@ -221,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--steps", choices=("equal", "config"), default="equal",
         help="equal: every method trains for the first method's optimizer steps (default); config: as each method's samples give",
+    )
+    comp.add_argument(
+        "--noise-rates", default=None, metavar="R1,R2",
+        help="also run each method at these oracle-noise rates (triage.noise.rate), e.g. 0,0.1,0.2: the paper's robustness study",
     )
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
     comp.add_argument("--preset", action="append", default=[], metavar="NAME")

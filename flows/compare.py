@@ -20,12 +20,13 @@ from prefect import flow
 from trace_realign.core.config import ReferenceTrainingConfig
 from trace_realign.core.errors import ConfigError
 from trace_realign.flows.config import PipelineConfig
-from trace_realign.flows.realign import realign
+from trace_realign.flows.realign import realign, run_stage
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import tracking
 from trace_realign.tasks.artifacts import write_json_at
 from trace_realign.tasks.common import RunContext
 from trace_realign.tasks.compare import comparison_report
+from trace_realign.tasks.evaluate import head_to_head_stage
 
 METHODS: tuple[str, ...] = typing.get_args(ReferenceTrainingConfig.model_fields["method"].annotation)
 
@@ -138,6 +139,7 @@ def _compare(
     steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
     variants: list[dict] = []
     runs: list[dict] = []
+    manifests: list[dict] = []
     pairs = prompts = None
     status = "FAILED"
     try:
@@ -159,11 +161,17 @@ def _compare(
                     "samples": trained.get("samples"), "steps": int(trained["global_step"]),
                 }
             )
+            manifests.append(manifest)
             runs.append(
                 {"method": method, "seed": seed, "noise_rate": rate, "run_id": manifest["run_id"], "manifest": manifest["manifest_path"]}
             )
         ctx = RunContext(str(workdir), uri, cfg.mlflow.experiment, cid, progress)
-        report = comparison_report(variants, _note(pairs, steps, prompts, equal_steps), run=ctx.as_dict())
+        _head_to_head(variants, manifests, ctx)
+        note = _note(pairs, steps, prompts, equal_steps) + (
+            f" h2h_*: the method's answers against {methods[0]}'s on the same prompts and seed, each pair judged "
+            "in both orders (a win must win both)." if len(methods) > 1 else ""
+        )
+        report = comparison_report(variants, note, run=ctx.as_dict())
         out = {
             "run_id": cid,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -184,3 +192,29 @@ def _compare(
     finally:
         c.set_terminated(cid, status=status)
     return {**out, "manifest_path": str(path)}
+
+
+def _head_to_head(variants: list[dict], manifests: list[dict], ctx: RunContext) -> None:
+    """For each noise rate and seed, the win rate of every other method's generations against the
+    first method's (:func:`~trace_realign.tasks.evaluate.head_to_head_stage`, a cached stage under the
+    comparison's run), added to that variant's metrics as ``h2h_win_rate``, ``h2h_tie_rate`` and
+    ``h2h_loss_rate``."""
+    first: dict[tuple, dict] = {}
+    for variant, manifest in zip(variants, manifests):
+        key = (variant["noise_rate"], variant["seed"])
+        if key not in first:
+            first[key] = manifest
+            continue
+        base = first[key]
+        files = {k: v["sha256"] for k, v in manifest["input_files"].items() if k.split(".", 1)[0] in ("evaluation", "oracle")}
+        result = run_stage(
+            head_to_head_stage, "head-to-head", set(), {},
+            generations_a=manifest["stages"]["evaluate"]["artifacts"]["generations"],
+            generations_b=base["stages"]["evaluate"]["artifacts"]["generations"],
+            shards=manifest["stages"]["triage"]["artifacts"], evaluation=manifest["config"]["evaluation"],
+            oracle=manifest["config"]["oracle"], input_files_sha256=files, policy_path=manifest["policy"]["path"],
+            policy_sha256=manifest["policy"]["sha256"], seed=variant["seed"], run=ctx.as_dict(),
+        )  # fmt: skip
+        variant["metrics"] = {
+            **variant["metrics"], **{f"h2h_{k}": v for k, v in result.metrics.items() if k.endswith("_rate")}
+        }

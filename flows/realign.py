@@ -101,7 +101,7 @@ def _unknowns_to_retry(result: StageResult) -> bool:
     return bool(result.metrics.get("judge_unknown_retryable"))
 
 
-def _run(task, stage: str, fresh: set[str], record: dict, recompute_if=_missing, **kwargs) -> StageResult:
+def run_stage(task, stage: str, fresh: set[str], record: dict, recompute_if=_missing, **kwargs) -> StageResult:
     """Run a stage task (from the cache when it may), recomputing it if a cached artifact is gone
     (or ``recompute_if(result)`` says so).
 
@@ -218,13 +218,13 @@ def _realign(
         return STAGES.index(stage) <= STAGES.index(until)
 
     try:
-        loaded = _run(load_data, "load", fresh_set, stages, data=data, data_sha256=data_sha, run=run)
+        loaded = run_stage(load_data, "load", fresh_set, stages, data=data, data_sha256=data_sha, run=run)
         if reaches("judge"):
             oracle = cfg.section("oracle")
             verdicts = []
             for i, shard in enumerate(loaded.artifacts["shards"]):
                 verdicts.append(
-                    _run(
+                    run_stage(
                         judge_shard, "judge", fresh_set, stages, recompute_if=_unknowns_to_retry,
                         shard=shard, shard_index=i, policy_path=str(Path(cfg.policy.path).resolve()),
                         policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"),
@@ -243,7 +243,7 @@ def _realign(
                 if stage.startswith("judge-") and not info["cached"]
             )
         if reaches("triage"):
-            triaged = _run(
+            triaged = run_stage(
                 triage_and_partition, "triage", fresh_set, stages,
                 pairs=loaded.artifacts["pairs"], verdicts=verdicts, triage=cfg.section("triage"),
                 holdout_fraction=cfg.evaluation.holdout_fraction if cfg.evaluation.enabled else 0.0,
@@ -252,7 +252,7 @@ def _realign(
             )
             _log_triage_plot(c, pid, triaged)
         if reaches("reference"):
-            ref = _run(
+            ref = run_stage(
                 reference_stage, "reference", fresh_set, stages,
                 shards=triaged.artifacts, model=cfg.section("model"), model_sha256=model_sha, weights=cfg.section("weights"),
                 # Only what the stage reads: other training settings (learning rate, steps) keep its cache.
@@ -261,14 +261,14 @@ def _realign(
             )
             _log_weight_plot(c, pid, ref)
         if reaches("train"):
-            trained = _run(
+            trained = run_stage(
                 train_stage, "train", fresh_set, stages,
                 shards=triaged.artifacts, reference=ref.artifacts, model=cfg.section("model"), model_sha256=model_sha,
                 training=training, triage=cfg.section("triage"), policy_sha256=policy.sha256,
                 seed=cfg.run.seed, registered_model_name=registered if cfg.mlflow.register_model else None, run=run,
             )
         if reaches("evaluate") and cfg.evaluation.enabled:
-            _run(
+            run_stage(
                 evaluate_stage, "evaluate", fresh_set, stages,
                 shards=triaged.artifacts, trained=trained.artifacts, model=cfg.section("model"),
                 model_sha256=model_sha, evaluation=cfg.section("evaluation"), training=training,

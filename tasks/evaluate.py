@@ -20,7 +20,7 @@ import pyarrow as pa
 from prefect import task
 
 from trace_realign.tasks import plots
-from trace_realign.tasks.artifacts import describe, read_triaged, write_json, write_parquet
+from trace_realign.tasks.artifacts import describe, read_parquet, read_triaged, write_json, write_parquet
 from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import EvaluationConfig, ModelConfig
@@ -29,6 +29,7 @@ from trace_realign.core.evaluation import (
     GENERATIONS_SCHEMA,
     evaluate_realignment,
     evaluation_prompts,
+    win_rate,
     judge_for_generations,
     load_attack_prompts,
     load_generation_labels,
@@ -36,8 +37,19 @@ from trace_realign.core.evaluation import (
 from trace_realign.core.evaluation.benchmarks import plan_benchmarks, run_benchmarks
 from trace_realign.core.modeling import load_realigned, load_tokenizer, resolve_device
 from trace_realign.core.oracle import VerdictCache
-from trace_realign.core.policy import load_policy
+from trace_realign.core.errors import DataError
+from trace_realign.core.policy import Policy, load_policy
 from trace_realign.core.triage import TriageType
+
+
+def _evaluation_judge(evaluation: dict, oracle: dict, shards: dict, policy: Policy, seed: int):
+    """The evaluation's judge (:func:`judge_for_generations`): ``evaluation.judge``, else the oracle,
+    else the local judge trained on the training split's verdicts under ``seed``."""
+    return judge_for_generations(
+        evaluation.get("judge") or oracle, policy, lambda: read_triaged(shards),
+        seed=seed, where="evaluation.judge" if evaluation.get("judge") else "oracle",
+        question=evaluation.get("tpa_question", "violation"),
+    )  # fmt: skip
 
 
 @task(name="evaluate", cache_key_fn=stage_cache_key, persist_result=True)
@@ -80,11 +92,7 @@ def evaluate_stage(
             model_dir=trained["model"]["path"] if "model" in trained else None,
             dtype=model_cfg.dtype, device=resolve_device(model_cfg.device),
         )  # fmt: skip
-        judge = judge_for_generations(
-            evaluation.get("judge") or oracle, policy, lambda: read_triaged(shards),
-            seed=seed, where="evaluation.judge" if evaluation_cfg.judge else "oracle",
-            question=evaluation_cfg.tpa_question,
-        )  # fmt: skip
+        judge = _evaluation_judge(evaluation, oracle, shards, policy, seed)
         with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache, Bar(
             "generating", 2 * len(prompts), ctx.progress
         ) as gen_bar, Bar("judging generations", 2 * len(prompts), ctx.progress) as judge_bar:
@@ -122,3 +130,39 @@ def evaluate_stage(
             artifacts["lm_eval"] = describe(bench_path)
             metrics = {**metrics, **bench.metrics}
         return stage.result(artifacts, metrics, params, {"judge": result.judge})
+
+
+@task(name="head-to-head", cache_key_fn=stage_cache_key, persist_result=True)
+def head_to_head_stage(
+    generations_a: dict,
+    generations_b: dict,
+    shards: dict,
+    evaluation: dict,
+    oracle: dict,
+    input_files_sha256: dict,
+    policy_path: str,
+    policy_sha256: str,
+    seed: int,
+    run: dict,
+) -> StageResult:
+    """Win rate of one realigned model's generations (``generations_a``, an evaluate stage's
+    generations table) against another's (``generations_b``) on the same held-out prompts, by the
+    evaluation judge built as the evaluate stage builds it, each differing pair asked in both orders
+    (:func:`~trace_realign.core.evaluation.winrate.win_rate`). Metrics: win_rate, loss_rate,
+    tie_rate (percentages, a's view), win_n, win_n_unknown. Raises DataError when the two tables do
+    not hold the same prompts in the same order."""
+    ctx = context_of(run)
+    evaluation_cfg = EvaluationConfig.model_validate(evaluation)
+    with stage_run(ctx, "head-to-head") as stage:
+        a = read_parquet(generations_a["path"]).to_pylist()
+        b = read_parquet(generations_b["path"]).to_pylist()
+        if [r["prompt"] for r in a] != [r["prompt"] for r in b]:
+            raise DataError(f"head-to-head: {generations_a['path']} and {generations_b['path']} hold different prompts")
+        policy = load_policy(policy_path)
+        holdout = read_triaged(shards, kinds=("holdout",))
+        prompts, _ = evaluation_prompts(holdout, evaluation_cfg.prompts_path, evaluation_cfg.max_prompts)
+        if len(prompts) != len(a):
+            raise DataError(f"head-to-head: {len(a)} generations for {len(prompts)} held-out prompts")
+        with _evaluation_judge(evaluation, oracle, shards, policy, seed) as judge:
+            wins = win_rate(judge, policy, prompts, [r["realigned_response"] for r in a], [r["realigned_response"] for r in b])
+        return stage.result({}, wins.metrics(), {"judge": judge.identity})

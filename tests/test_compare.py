@@ -50,9 +50,10 @@ def test_columns_are_before_after_metrics_and_paired_ones():
     names = [
         "tpa_before", "tpa_after", "tpa_after/invert", "n_unknown_before", "n_unknown_after", "labelled_tpa_after",
         "labelled_coverage_after", "utility_ratio", "judge_accuracy", "asr_screenwriter_after", "win_rate",
-        "generation_seconds_reference",
+        "generation_seconds_reference", "asr_screenwriter_n_unknown_after", "lm_eval_mc_acc_after", "lm_eval_mc_acc_stderr_after",
+        "h2h_win_rate", "win_n",
     ]
-    assert compared_metrics(names) == ["tpa", "labelled_tpa", "utility_ratio", "win_rate", "asr_screenwriter"]
+    assert compared_metrics(names) == ["tpa", "labelled_tpa", "utility_ratio", "win_rate", "h2h_win_rate", "asr_screenwriter", "lm_eval_mc_acc"]
 
 
 def _variant(method, seed, tpa_after, utility, samples=10, steps=4, before=20.0):
@@ -137,6 +138,14 @@ def test_compare_on_the_smoke_config_shares_stages_and_logs_one_table(tmp_path):
     assert {"plots/compare_tpa.png", "plots/compare_tpa_by_group.png"} <= logged
     assert any(p.startswith("comparison/comparison-") and p.endswith(".md") for p in logged)
     assert parent.data.tags["mlflow.note.content"].startswith("| method |")
+    # Head to head: naive_relabel_dpo's answers judged against trace's, in both orders, in a stage
+    # run under the comparison.
+    h2h = rows["naive_relabel_dpo"]["metrics"]
+    assert {"h2h_win_rate", "h2h_tie_rate", "h2h_loss_rate"} <= set(h2h) and "h2h_win_rate" not in rows["trace"]["metrics"]
+    assert sum(h2h[k]["mean"] for k in ("h2h_win_rate", "h2h_tie_rate", "h2h_loss_rate")) == pytest.approx(100.0)
+    stage_runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{out['run_id']}'")
+    assert {r.data.tags.get("stage") for r in stage_runs} == {None, "head-to-head"}
+    assert "against trace's on the same prompts" in proc.stdout
 
 
 def test_close_dead_runs_spares_this_process_runs(tmp_path):
@@ -153,3 +162,38 @@ def test_close_dead_runs_spares_this_process_runs(tmp_path):
     dead = c.create_run(exp, tags={**tracking.process_tags(work), "trace.pid": str(2**22 + 7)}).info.run_id
     assert tracking.close_dead_runs(c, exp, work) == [dead]
     assert c.get_run(mine).info.status == "RUNNING" and c.get_run(dead).info.status == "KILLED"
+
+
+def test_compare_over_noise_rates_redoes_triage_per_rate_and_leaves_gold_dpo_clean(tmp_path):
+    """--noise-rates: one row per method and rate; the judge's verdicts are shared (no judge stage
+    reruns), triage is redone once per rate and shared by the methods at that rate, and gold_dpo
+    trains on the same gold-labelled samples whatever the noise."""
+    work = tmp_path / "noise"
+    proc = cli(
+        [
+            "compare", "--config", "smoke", "--methods", "trace,gold_dpo", "--noise-rates", "0,0.5",
+            "--set", f"run.workdir={work}", "--no-progress",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(Path(proc.stdout.split("comparison:")[1].split()[0]).read_text())
+    assert [(r["method"], r["noise_rate"]) for r in out["table"]["rows"]] == [
+        (STARTING_MODEL, None), ("trace", 0.0), ("gold_dpo", 0.0), ("trace", 0.5), ("gold_dpo", 0.5)
+    ]
+    assert "| method | oracle noise |" in proc.stdout
+    m = [json.loads(Path(v["manifest"]).read_text()) for v in out["variants"]]
+    assert [x["config"]["triage"]["noise"]["rate"] for x in m] == [0.0, 0.0, 0.5, 0.5]
+    assert all(x["stages"]["judge-0000"]["cached"] for x in m[1:])
+    assert [x["stages"]["triage"]["cached"] for x in m] == [False, True, False, True]
+    triage = [x["stages"]["triage"]["metrics"] for x in m]
+    assert triage[0].get("noise_pairs", 0) == 0 and triage[2]["noise_pairs"] == round(0.5 * triage[2]["triage_total"])
+    samples = [x["stages"]["train"]["metrics"]["samples"] for x in m]
+    assert samples[1] == samples[3]  # gold_dpo: the gold labels never see the noise
+    assert triage[0]["gold_total"] == triage[2]["gold_total"]
+
+
+def test_bad_noise_rates_fail_with_one_line(tmp_path):
+    for rates, needle in (("0,1.5", "--noise-rates: 1.5 is not a share in [0, 1]"), ("0,x", "--noise-rates: '0,x' is not")):
+        proc = cli(["compare", "--config", "smoke", "--methods", "trace", "--noise-rates", rates], tmp_path, timeout=60)
+        assert_one_line_error(proc, needle)

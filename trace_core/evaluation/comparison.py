@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Metrics of the realigned model measured against the starting one (no "before" value).
-PAIRED_METRICS = ("utility_ratio", "win_rate", "tie_rate", "loss_rate")
+PAIRED_METRICS = ("utility_ratio", "win_rate", "tie_rate", "loss_rate", "h2h_win_rate", "h2h_tie_rate", "h2h_loss_rate")
 # Before/after metrics that describe the evaluation rather than a model's quality.
 _NOT_COMPARED = ("n_unknown", "labelled_coverage", "generation_seconds", "judge_seconds")
+# Counts and standard errors that come with a metric (asr_<wrapper>_n_unknown, lm-eval's *_stderr).
+_COUNTS = ("_n", "_n_unknown", "_stderr")
 # The order of the columns people look for first; any other metric follows alphabetically.
-_FIRST = ("tpa", "labelled_tpa", "utility_ratio", "win_rate", "tie_rate", "loss_rate", "seq_rep_4", "distinct_2")
+_FIRST = (
+    "tpa", "labelled_tpa", "utility_ratio", "win_rate", "tie_rate", "loss_rate",
+    "h2h_win_rate", "h2h_tie_rate", "h2h_loss_rate", "seq_rep_4", "distinct_2",
+)
 
 STARTING_MODEL = "starting model"
 
@@ -64,9 +69,12 @@ def compared_metrics(metrics: Iterable[str]) -> list[str]:
     present, the familiar ones first."""
     names = set(metrics)
     found = {
-        k[: -len("_after")]
+        base
         for k in names
-        if k.endswith("_after") and "/" not in k and not k.startswith(_NOT_COMPARED)
+        if k.endswith("_after")
+        and "/" not in (base := k[: -len("_after")])
+        and not base.startswith(_NOT_COMPARED)
+        and not base.endswith(_COUNTS)
     }
     found |= {k for k in PAIRED_METRICS if k in names}
     return [k for k in _FIRST if k in found] + sorted(found - set(_FIRST))
