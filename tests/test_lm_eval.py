@@ -144,3 +144,16 @@ def test_the_evaluate_stage_logs_benchmarks_before_and_after(tmp_path):
     again = realign(load_config(ROOT / "configs" / "smoke.yaml", sets).model_dump(mode="json"), progress=False)
     assert {k: v["cached"] for k, v in again["stages"].items() if k in ("train", "evaluate")} == {"train": True, "evaluate": False}
     assert json.loads(Path(again["stages"]["evaluate"]["artifacts"]["lm_eval"]["path"]).read_text())["after"]["n-samples"]["trace_mini_mc"]["effective"] == 5
+
+
+def test_unknown_task_stops_the_run_before_any_stage(tmp_path):
+    """The preflight check: a misspelt benchmark name is one line before loading or judging."""
+    from tests.test_pipeline import assert_one_line_error, cli
+
+    work = tmp_path / "w"
+    proc = cli(
+        ["run", "--config", "smoke", "--set", f"run.workdir={work}", "--set", "evaluation.lm_eval.tasks=[trace_mini_mcq]"],
+        tmp_path, timeout=120,
+    )
+    assert_one_line_error(proc, "evaluation.lm_eval.tasks: unknown task 'trace_mini_mcq'")
+    assert not (work / "runs").exists()
