@@ -45,8 +45,8 @@ def check_methods(methods: list[str]) -> list[str]:
 def variant_config(config: dict, method: str, seed: int, max_steps: int | None, noise_rate: float | None = None) -> dict:
     """``config`` with ``training.method = method``, ``run.seed = seed``, the run named after them,
     ``training.max_steps`` (when given), ``triage.noise.rate = noise_rate`` (when given; the mode and
-    seed of the config's ``triage.noise``, else its defaults) and no model registration (a
-    comparison trains candidates, not a release)."""
+    seed of the config's ``triage.noise``, else its defaults; rate 0: no ``triage.noise``) and no
+    model registration (a comparison trains candidates, not a release)."""
     out = copy.deepcopy(config)
     out["training"]["method"] = method
     if max_steps is not None:
@@ -54,7 +54,8 @@ def variant_config(config: dict, method: str, seed: int, max_steps: int | None, 
     out["run"]["seed"] = seed
     name = f"{config['run']['name']}-{method}-seed{seed}"
     if noise_rate is not None:
-        out["triage"]["noise"] = {**(out["triage"].get("noise") or {}), "rate": noise_rate}
+        # Rate 0 is the run without noise: it shares the triage stage (and all after it) with one.
+        out["triage"]["noise"] = {**(out["triage"].get("noise") or {}), "rate": noise_rate} if noise_rate > 0 else None
         name += f"-noise{noise_rate:g}"
     out["run"]["name"] = name
     out["mlflow"]["register_model"] = False
