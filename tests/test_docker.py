@@ -397,21 +397,20 @@ def test_worker_command_is_a_real_watch_command():
         assert Path(path).resolve().is_relative_to(ROOT / "configs") or Path(path).resolve().is_relative_to(ROOT / "data"), path
 
 
-@lru_cache(maxsize=None)
-def help_text(*command: str) -> str:
+def help_text(command: list[str], cwd: Path) -> str:
     exe = venv_tool(command[0])
     assert exe, f"{command[0]} is not installed"
     env = {**os.environ, "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "COLUMNS": "200"}
-    out = subprocess.run([exe, *command[1:], "--help"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([exe, *command[1:], "--help"], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
 
 @pytest.mark.parametrize("service", ["prefect-server", "mlflow-server"])
-def test_server_flags_exist_in_the_installed_servers(service):
+def test_server_flags_exist_in_the_installed_servers(service, tmp_path):
     args = argv(compose_tree()["services"][service])
     program = words_before_flags(args).split()
-    text = help_text(*program)
+    text = help_text(program, tmp_path)
     for flag in (a for a in args if a.startswith("--")):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"{' '.join(program)} has no {flag}"
 
