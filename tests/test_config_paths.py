@@ -104,7 +104,7 @@ def test_a_preset_file_and_an_unknown_preset(tmp_path, monkeypatch):
     assert load_config("smoke", presets=[str(tmp_path / "mine.yaml")]).training.beta == 0.5
     with pytest.raises(ConfigError) as err:
         load_config("smoke", presets=["papr"])
-    assert str(err.value) == "--preset papr: no such preset (shipped presets: paper)"
+    assert str(err.value) == "--preset papr: no such preset (shipped presets: paper, safety-utility)"
     (tmp_path / "bad.yaml").write_text("training: {betta: 0.5}\n")
     with pytest.raises(ConfigError, match="betta"):
         load_config("smoke", presets=[str(tmp_path / "bad.yaml")])
