@@ -116,7 +116,7 @@ def cmd_run(args) -> int:
 def _noise_rates(text: str | None) -> list[float] | None:
     """``--noise-rates 0,0.1,0.2`` as floats (checked by :func:`check_noise_rates`); None when not given."""
     from trace_realign.core.errors import ConfigError
-    from trace_realign.flows.compare import check_noise_rates
+    from trace_realign.flows.config import check_noise_rates
 
     if text is None:
         return None
@@ -127,8 +127,9 @@ def _noise_rates(text: str | None) -> list[float] | None:
 
 
 def cmd_compare(args) -> int:
-    from trace_realign.flows.compare import check_methods
+    from trace_realign.flows.config import check_methods
 
+    # Checked before anything imports Prefect: its settings must come from prefect_environment().
     check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     noise_rates = _noise_rates(args.noise_rates)
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import typing
 from pathlib import Path
 
 from prefect import flow
 
-from trace_realign.core.config import ReferenceTrainingConfig
 from trace_realign.core.errors import ConfigError
-from trace_realign.flows.config import PipelineConfig
+from trace_realign.flows.config import PipelineConfig, check_methods, check_noise_rates
 from trace_realign.flows.realign import realign, run_stage
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import tracking
@@ -27,20 +25,6 @@ from trace_realign.tasks.artifacts import write_json_at
 from trace_realign.tasks.common import RunContext
 from trace_realign.tasks.compare import comparison_report
 from trace_realign.tasks.evaluate import head_to_head_stage
-
-METHODS: tuple[str, ...] = typing.get_args(ReferenceTrainingConfig.model_fields["method"].annotation)
-
-
-def check_methods(methods: list[str]) -> list[str]:
-    """``methods`` without repeats, in order. Raises ConfigError naming an unknown one (and the
-    known ones) or for an empty list."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"--methods: unknown method '{unknown[0]}' (methods: {', '.join(METHODS)})")
-    if not methods:
-        raise ConfigError(f"--methods: name at least one method (methods: {', '.join(METHODS)})")
-    return list(dict.fromkeys(methods))
-
 
 def variant_config(config: dict, method: str, seed: int, max_steps: int | None, noise_rate: float | None = None) -> dict:
     """``config`` with ``training.method = method``, ``run.seed = seed``, the run named after them,
@@ -60,17 +44,6 @@ def variant_config(config: dict, method: str, seed: int, max_steps: int | None, 
     out["run"]["name"] = name
     out["mlflow"]["register_model"] = False
     return out
-
-
-def check_noise_rates(rates: list[float] | None) -> list[float] | None:
-    """``rates`` without repeats, in order (None: no noise study). Raises ConfigError for a rate
-    outside [0, 1]."""
-    if rates is None:
-        return None
-    for r in rates:
-        if not 0 <= r <= 1:
-            raise ConfigError(f"--noise-rates: {r:g} is not a share in [0, 1]")
-    return list(dict.fromkeys(rates))
 
 
 def _note(pairs: int | None, steps: int | None, prompts: int | None, equal_steps: bool) -> str:

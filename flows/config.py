@@ -12,7 +12,7 @@ sections are the orchestration's, here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -22,6 +22,7 @@ from trace_realign.core.config import (
     EvaluationConfig,
     ModelConfig,
     PolicyConfig,
+    ReferenceTrainingConfig,
     Section,
     TrainingConfig,
     TriageConfig,
@@ -190,3 +191,28 @@ def validate_config(tree: dict, where: str = "config") -> PipelineConfig:
         raise ConfigError(f"{where}: " + describe_validation_errors(exc.errors(), "", drop=BACKENDS)) from None
 
 
+# --- trace-realign compare's arguments (checked before Prefect is imported) ---------------------
+
+METHODS: tuple[str, ...] = get_args(ReferenceTrainingConfig.model_fields["method"].annotation)
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """``methods`` without repeats, in order. Raises ConfigError naming an unknown one (and the
+    known ones) or for an empty list."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method '{unknown[0]}' (methods: {', '.join(METHODS)})")
+    if not methods:
+        raise ConfigError(f"--methods: name at least one method (methods: {', '.join(METHODS)})")
+    return list(dict.fromkeys(methods))
+
+
+def check_noise_rates(rates: list[float] | None) -> list[float] | None:
+    """``rates`` without repeats, in order (None: no noise study). Raises ConfigError for a rate
+    outside [0, 1]."""
+    if rates is None:
+        return None
+    for r in rates:
+        if not 0 <= r <= 1:
+            raise ConfigError(f"--noise-rates: {r:g} is not a share in [0, 1]")
+    return list(dict.fromkeys(rates))

@@ -104,10 +104,14 @@ def test_compare_on_the_smoke_config_shares_stages_and_logs_one_table(tmp_path):
 
     work = tmp_path / "cmp"
     proc = cli(
-        ["compare", "--config", "smoke", "--methods", "trace,naive_relabel_dpo", "--set", f"run.workdir={work}", "--no-progress"],
+        [
+            "compare", "--config", "smoke", "--methods", "trace,naive_relabel_dpo", "--set", f"run.workdir={work}", "--no-progress",
+            "--set", "evaluation.lm_eval.tasks=[trace_mini_mc]", "--set", "evaluation.lm_eval.limit=4",
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lm_eval_trace_mini_mc_acc" in proc.stdout  # the harness's accuracy is a column
     out = json.loads(Path(proc.stdout.split("comparison:")[1].split()[0]).read_text())
     assert [r["method"] for r in out["table"]["rows"]] == [STARTING_MODEL, "trace", "naive_relabel_dpo"]
     assert "| trace | 1 |" in proc.stdout and "Equal data: every method trained on the same" in proc.stdout
@@ -198,3 +202,27 @@ def test_bad_noise_rates_fail_with_one_line(tmp_path):
     for rates, needle in (("0,1.5", "--noise-rates: 1.5 is not a share in [0, 1]"), ("0,x", "--noise-rates: '0,x' is not")):
         proc = cli(["compare", "--config", "smoke", "--methods", "trace", "--noise-rates", rates], tmp_path, timeout=60)
         assert_one_line_error(proc, needle)
+
+
+@pytest.mark.parametrize("command", [["run"], ["compare", "--methods", "trace,npo", "--noise-rates", "0,0.1"]])
+def test_prefect_is_not_imported_before_the_working_folder_environment(tmp_path, command):
+    """Prefect reads its settings (home, local server start-up timeout) when first imported: the CLI
+    checks its arguments and config without importing it, and sets the working folder's
+    environment first. (A compare once imported it while checking --methods, and its local server
+    then had Prefect's default 20 s to start, which a busy machine missed.)"""
+    import subprocess
+    import sys
+
+    argv = [command[0], "--config", "smoke", "--set", f"run.workdir={tmp_path / 'w'}", *command[1:]]
+    code = (
+        "import sys\n"
+        "import trace_realign.flows.cli as cli\n"
+        "def env(*a, **k):\n"
+        "    print('prefect imported:', 'prefect' in sys.modules)\n"
+        "    raise SystemExit(0)\n"
+        "cli.prefect_environment = env\n"
+        f"cli.main({argv!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "prefect imported: False"
