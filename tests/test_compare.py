@@ -223,6 +223,6 @@ def test_prefect_is_not_imported_before_the_working_folder_environment(tmp_path,
         "cli.prefect_environment = env\n"
         f"cli.main({argv!r})\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "prefect imported: False"
