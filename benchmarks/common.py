@@ -103,15 +103,30 @@ def choose_model(name: str | None) -> tuple[str, Path | str]:
 # --------------------------------------------------------------------------- measuring and output
 
 
+def synchronize() -> None:
+    """Wait for the GPU work queued so far (CUDA), so that a wall-clock reading covers it.
+
+    A no-op on a CPU, and before anything has initialised CUDA (torch need not be imported).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Stopwatch:
-    """Wall-clock seconds of a ``with`` block (``time.perf_counter``), in ``.seconds`` once it ends."""
+    """Wall-clock seconds of a ``with`` block (``time.perf_counter``), in ``.seconds`` once it ends.
+
+    On a GPU both ends wait for the queued kernels (:func:`synchronize`), so the span is the work's.
+    """
 
     def __enter__(self) -> "Stopwatch":
         self.seconds = 0.0
+        synchronize()
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        synchronize()
         self.seconds = time.perf_counter() - self._start
 
 

