@@ -162,12 +162,12 @@ def resolved(value, values: dict[str, str] | None = None):
     return value
 
 
-def argv(service: dict) -> list[str]:
-    """The service's entrypoint + command, resolved with .env.example's values."""
+def argv(service: dict, values: dict[str, str] | None = None) -> list[str]:
+    """The service's entrypoint + command, resolved with ``values`` (default: .env.example's)."""
     def listed(v):
         return [] if v is None else (shlex.split(v) if isinstance(v, str) else list(v))
 
-    return [str(x) for x in resolved(listed(service.get("entrypoint")) + listed(service.get("command")))]
+    return [str(x) for x in resolved(listed(service.get("entrypoint")) + listed(service.get("command")), values)]
 
 
 def words_before_flags(args: list[str]) -> str:
