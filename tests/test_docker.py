@@ -162,12 +162,12 @@ def resolved(value, values: dict[str, str] | None = None):
     return value
 
 
-def argv(service: dict) -> list[str]:
-    """The service's entrypoint + command, resolved with .env.example's values."""
+def argv(service: dict, values: dict[str, str] | None = None) -> list[str]:
+    """The service's entrypoint + command, resolved with ``values`` (default: .env.example's)."""
     def listed(v):
         return [] if v is None else (shlex.split(v) if isinstance(v, str) else list(v))
 
-    return [str(x) for x in resolved(listed(service.get("entrypoint")) + listed(service.get("command")))]
+    return [str(x) for x in resolved(listed(service.get("entrypoint")) + listed(service.get("command")), values)]
 
 
 def words_before_flags(args: list[str]) -> str:
@@ -423,12 +423,13 @@ def test_database_urls_use_the_settings_the_servers_read(monkeypatch):
     mlflow_uri = flag_value(args, "--backend-store-uri")
     assert extract_db_type_from_uri(mlflow_uri) == "postgresql"
     url = make_url(mlflow_uri)
-    assert (url.drivername, url.host, url.username, url.password) == ("postgresql", "postgres", values["POSTGRES_USER"], values["POSTGRES_PASSWORD"])
+    # the driver named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which the image lacks
+    assert (url.drivername, url.host, url.username, url.password) == ("postgresql+psycopg2", "postgres", values["POSTGRES_USER"], values["POSTGRES_PASSWORD"])
     init = {v.split(":")[1]: v.split(":")[0] for v in services["postgres"]["volumes"]}
     scripts = [DOCKER / src for dst, src in init.items() if dst.startswith("/docker-entrypoint-initdb.d/")]
     created = {m.group(1) for s in scripts for m in re.finditer(r"CREATE DATABASE (\w+)", s.read_text())}
     assert url.database in created and url.database != postgres_env["POSTGRES_DB"]
-    # SQLAlchemy's default PostgreSQL driver is psycopg2, which the project does not depend on
+    # psycopg2 is not a dependency of the project: the image installs it for the server
     assert re.search(r'"psycopg2-binary==[\d.]+"', DOCKERFILES["cpu"].read_text())
 
 
