@@ -20,7 +20,7 @@ def test_random_model_keeps_the_tokenizer_and_resizes_the_architecture(tiny_mode
     proc = subprocess.run(
         [sys.executable, "benchmarks/random_model.py", "--from", str(tiny_model_dir), "--out", str(out),
          "--hidden-size", "48", "--intermediate-size", "96", "--layers", "3", "--heads", "4", "--kv-heads", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
@@ -36,7 +36,7 @@ def test_random_model_rejects_heads_that_do_not_divide_the_width(tiny_model_dir,
     proc = subprocess.run(
         [sys.executable, "benchmarks/random_model.py", "--from", str(tiny_model_dir), "--out", str(tmp_path / "m"),
          "--hidden-size", "50", "--heads", "4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "--hidden-size 50 is not a multiple of --heads 4"
