@@ -67,6 +67,7 @@ def reference_stage(
         ranks = ScoreRanks(
             str(path), artifacts["initial_adapter"]["path"] if "initial_adapter" in artifacts else None,
             str(ctx.folder("artifacts", "reference", "launch")), dtype=model_cfg.dtype, device=model_cfg.device,
+            echo=ctx.progress,
         )  # fmt: skip
         bars: dict[str, Bar] = {}
 

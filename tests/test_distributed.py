@@ -2,8 +2,9 @@
 
 Measured tolerances (tiny random model, LoRA, float32, 6 steps): the 2-process adapter differs
 from the 1-process adapter with the same global batch by at most 8.0e-7 (values up to 0.14), and
-a resumed 2-process run equals the uninterrupted one exactly; the sharded impact scores and
-reference log-probs differ from one process's by at most 1e-6 relative.
+a resumed 2-process run equals the uninterrupted one exactly (tolerance here: 5e-6 absolute). The
+sharded impact scores differ from one process's by at most 2e-6 relative on the smoke config
+(the gold gradient is summed in another order, batches are cut differently); tolerance 1e-5.
 """
 
 import dataclasses

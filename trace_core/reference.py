@@ -113,7 +113,7 @@ class ScoreRanks:
     model at theta_ref: the folder ``model_path`` in ``dtype`` on ``device`` (a ``model.device``
     setting) with the saved initial LoRA ``adapter`` (None under full fine-tuning). ``folder``
     receives the job (:func:`~trace_realign.core.distributed.run_job`); ``timeout`` (seconds, None:
-    none) bounds it."""
+    none) bounds it; ``echo`` shows the processes' output."""
 
     model_path: str
     adapter: str | None
@@ -121,6 +121,7 @@ class ScoreRanks:
     dtype: str = "float32"
     device: str = "auto"
     timeout: float | None = None
+    echo: bool = True
 
 
 def conflict_pass(
@@ -199,7 +200,7 @@ def sharded_conflict_pass(
     }  # fmt: skip
     folder = run_job(
         "scores", spec, {"gold": None if gold is None else list(gold), "conflict": list(conflict)}, ranks.folder, launch,
-        stage="reference", timeout=ranks.timeout,
+        stage="reference", echo=ranks.echo, timeout=ranks.timeout,
     )  # fmt: skip
     scores = None if gold is None else torch.zeros(len(conflict), dtype=torch.float64)
     ref = torch.zeros((len(conflict), 2), dtype=torch.float32)
