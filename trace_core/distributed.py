@@ -145,13 +145,15 @@ def init_process_group() -> None:
 
 
 def _tee(stream, log_path: Path, echo: bool) -> None:
+    """Copy the launcher's output to the log (and stderr) until it closes: the pipe never fills up."""
     with open(log_path, "ab") as log:
         for line in iter(stream.readline, b""):
             log.write(line)
             log.flush()
             if echo:
-                sys.stderr.buffer.write(line)
-                sys.stderr.flush()
+                with contextlib.suppress(Exception):  # an odd stderr must not stop the copying
+                    sys.stderr.write(line.decode("utf-8", "replace"))
+                    sys.stderr.flush()
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -273,7 +273,7 @@ def run_reference_stage(
                 seed=seed,
             )
     gold_batch = gold_samples(gold, encoder) if weighted else None
-    if training.num_processes > 1:
+    if training.num_processes > 1 and conflict:
         if ranks is None:
             raise TraceError("run_reference_stage: training.num_processes > 1 needs ranks (where the processes find the model)")
         raw, ref = sharded_conflict_pass(ranks, Launch.of(training), gold_batch, conflict, training, weights.batch_size, pad)
