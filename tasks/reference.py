@@ -14,6 +14,7 @@ from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, ReferenceTrainingConfig, TriageConfig, WeightsConfig
 from trace_realign.core.modeling import load_tokenizer, resolve_device, save_adapter, trainable_model
 from trace_realign.core.reference import (
+    ScoreRanks,
     check_gold_labels,
     gold_table,
     load_user_gold,
@@ -38,7 +39,8 @@ def reference_stage(
 ) -> StageResult:
     """Scores, weights and reference log-probs. ``model``, ``weights``, ``training`` and ``triage``
     are the config sections as JSON (``training``: :meth:`TrainingConfig.reference_view`, only what
-    this stage reads). ``policy_sha256`` is part of the key on purpose: every artifact downstream of
+    this stage reads; with ``num_processes`` above 1 the scores come from that many processes).
+    ``policy_sha256`` is part of the key on purpose: every artifact downstream of
     a policy edit is recomputed under (and recorded with) the new policy, even where the edit
     happened not to change a verdict. ``input_files_sha256`` holds the content hash of
     ``weights.gold_path`` when set, so editing that file recomputes the stage."""
@@ -53,6 +55,20 @@ def reference_stage(
         tokenizer = load_tokenizer(path)
         device = resolve_device(model_cfg.device)
         policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device, seed=seed)
+        folder = ctx.folder("artifacts", "reference")
+        artifacts = {}
+        if not training_cfg.full_finetune:
+            # The adapter the scores are taken at is the one training starts from (and the one
+            # the processes of a multi-process scoring load).
+            build = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=folder))
+            save_adapter(policy_model, build)
+            final = publish_folder(build, folder / f"initial_adapter-{folder_sha256(build)[:8]}")
+            artifacts["initial_adapter"] = describe(final)
+        ranks = ScoreRanks(
+            str(path), artifacts["initial_adapter"]["path"] if "initial_adapter" in artifacts else None,
+            str(ctx.folder("artifacts", "reference", "launch")), dtype=model_cfg.dtype, device=model_cfg.device,
+            echo=ctx.progress,
+        )  # fmt: skip
         bars: dict[str, Bar] = {}
 
         def progress(part, done, total):
@@ -70,21 +86,15 @@ def reference_stage(
             seed=seed,
             user_gold=load_user_gold(weights_cfg.gold_path) if weights_cfg.gold_path else None,
             progress=progress,
+            ranks=ranks,
         )
         for bar in bars.values():
             bar.close()
         table = weights_table(out, triaged)
-        folder = ctx.folder("artifacts", "reference")
         weights_path = write_parquet(table, folder, "weights")
         gold = gold_table(out.gold)
         gold_path = write_parquet(gold, folder, "gold")
-        artifacts = {"weights": describe(weights_path, table.num_rows), "gold": describe(gold_path, gold.num_rows)}
-        if not training_cfg.full_finetune:
-            # The adapter the scores were taken at is the one training starts from.
-            build = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=folder))
-            save_adapter(policy_model, build)
-            final = publish_folder(build, folder / f"initial_adapter-{folder_sha256(build)[:8]}")
-            artifacts["initial_adapter"] = describe(final)
+        artifacts.update({"weights": describe(weights_path, table.num_rows), "gold": describe(gold_path, gold.num_rows)})
         scores = [v for v in table.column("impact_score").to_pylist() if v is not None]
         metrics = {**{k: v for k, v in out.stats.items() if isinstance(v, (int, float))}}
         if scores:

@@ -13,9 +13,9 @@ from trace_realign.tasks.common import StageResult, context_of, stage_cache_key,
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, TrainingConfig, TriageConfig
 from trace_realign.core.data import text_sha256
-from trace_realign.core.modeling import frozen_reference, load_tokenizer, resolve_device, trainable_model
+from trace_realign.core.modeling import load_tokenizer
 from trace_realign.core.reference import triage_kinds, training_samples
-from trace_realign.core.training import save_output, train
+from trace_realign.core.training import TrainJob, run_training
 
 
 @task(name="train", cache_key_fn=stage_cache_key, persist_result=True)
@@ -33,7 +33,9 @@ def train_stage(
 ) -> StageResult:
     """Weighted TRACE training from the reference stage's initial adapter and weights table.
     ``model``, ``training`` and ``triage`` are the config sections as JSON; the run context's
-    ``fail_training_at_step`` is the crash test switch (kept out of the cache key)."""
+    ``fail_training_at_step`` is the crash test switch (kept out of the cache key). With
+    ``training.num_processes`` above 1 the training runs as a subprocess under a launcher
+    (:func:`~trace_realign.core.training.run_training`); what it gives back is logged the same way."""
     ctx = context_of(run)
     model_cfg = ModelConfig.model_validate(model)
     training_cfg = TrainingConfig.model_validate(training)
@@ -43,23 +45,19 @@ def train_stage(
     resume = any(out_dir.glob("checkpoint-*"))
     with stage_run(ctx, "train") as stage:
         path = resolve_model(model_cfg.path)
-        tokenizer = load_tokenizer(path)
-        device = resolve_device(model_cfg.device)
-        adapter = None if training_cfg.full_finetune else reference["initial_adapter"]["path"]
-        policy_model = trainable_model(path, training_cfg, dtype=model_cfg.dtype, device=device, seed=seed, adapter=adapter)
-        ref_model = frozen_reference(path, training_cfg.full_finetune, dtype=model_cfg.dtype, device=device)
         weights_path = reference["weights"]["path"]
         samples = training_samples(
-            read_triaged(shards, triage_kinds(training_cfg)), tokenizer, training_cfg, TriageConfig.model_validate(triage), read_parquet(weights_path),
-            where=weights_path,
+            read_triaged(shards, triage_kinds(training_cfg)), load_tokenizer(path), training_cfg, TriageConfig.model_validate(triage),
+            read_parquet(weights_path), where=weights_path,
         )  # fmt: skip
         stage.log_params({"training": training, "samples": len(samples), "resumed": resume})
-        result = train(
-            policy_model, tokenizer, samples, training_cfg, out_dir, seed=seed, progress=ctx.progress,
-            fail_at_step=ctx.fail_training_at_step, ref_model=ref_model, resume_from_checkpoint=True if resume else None,
-        )
-        final = out_dir / "final"
-        paths = save_output(policy_model, tokenizer, final, merge=training_cfg.merge)
+        job = TrainJob(
+            str(path), training, str(out_dir), dtype=model_cfg.dtype, device=model_cfg.device,
+            adapter=None if training_cfg.full_finetune else reference["initial_adapter"]["path"], seed=seed,
+            progress=ctx.progress, fail_at_step=ctx.fail_training_at_step, resume=resume,
+        )  # fmt: skip
+        output = run_training(job, samples)
+        result, paths, final = output.result, output.paths, job.final_dir
         tracking.log_history(stage.client, stage.run_id, result.log_history)
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         metrics["global_step"] = result.global_step

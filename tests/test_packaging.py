@@ -40,6 +40,7 @@ def test_the_wheel_installs_one_namespace(wheel):
     assert second == {"core", "tasks", "flows", "configs", "data"}
     assert "trace_realign/core/oracle/base.py" in names and "trace_realign/flows/cli.py" in names
     assert "trace_realign/configs/presets/paper.yaml" in names
+    assert {"trace_realign/configs/accelerate/ddp.yaml", "trace_realign/configs/accelerate/fsdp.yaml"} <= set(names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "trace-realign = trace_realign.flows.cli:main" in entry
 

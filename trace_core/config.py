@@ -154,6 +154,24 @@ class ReferenceTrainingConfig(Section):
         "The baselines train with uniform weights and no RETAIN term",
     )
     robust_epsilon: float = Field(0.1, ge=0, lt=0.5, description="robust_dpo's assumed label-flip rate (arXiv 2403.00409)")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="processes the train stage's training and the reference stage's impact scores run on; "
+        "above 1 each stage starts them as a subprocess under training.launcher (global batch: "
+        "per_device_batch_size x gradient_accumulation_steps x num_processes)",
+    )
+    launcher: Literal["auto", "torchrun", "accelerate"] = Field(
+        "auto",
+        description="what starts more than one process: accelerate (accelerate launch with accelerate_config, "
+        "NCCL on GPUs), torchrun (gloo on CPUs), auto (accelerate where a GPU is visible, else torchrun)",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="the accelerate config file of the accelerate launcher; default: the shipped DDP config "
+        "(configs/accelerate/ddp.yaml; fsdp.yaml beside it)",
+        json_schema_extra=LOCAL_PATH,
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self):

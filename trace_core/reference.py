@@ -9,7 +9,7 @@ and joins them back in sample order (:func:`training_samples`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +18,7 @@ import torch
 
 from trace_realign.core.config import ReferenceTrainingConfig, TriageConfig, WeightsConfig
 from trace_realign.core.data import canonical_json, load_pairs
+from trace_realign.core.distributed import Launch, RankJob, init_process_group, rank_device, run_job
 from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.impact import (
     GoldPair,
@@ -28,6 +29,7 @@ from trace_realign.core.impact import (
     impact_weights,
     reference_logps,
 )
+from trace_realign.core.modeling import trainable_model
 from trace_realign.core.objective import Sample, SampleKind, build_samples
 from trace_realign.core.tokenization import Encoder
 from trace_realign.core.triage import TRAINABLE, TriagedPair, TriageType, gold_view
@@ -105,6 +107,112 @@ def compliant_pool(triaged: Sequence[TriagedPair]) -> list[str]:
     return pool
 
 
+@dataclass(frozen=True)
+class ScoreRanks:
+    """Where the processes of a multi-process scoring (``training.num_processes`` > 1) find the
+    model at theta_ref: the folder ``model_path`` in ``dtype`` on ``device`` (a ``model.device``
+    setting) with the saved initial LoRA ``adapter`` (None under full fine-tuning). ``folder``
+    receives the job (:func:`~trace_realign.core.distributed.run_job`); ``timeout`` (seconds, None:
+    none) bounds it; ``echo`` shows the processes' output."""
+
+    model_path: str
+    adapter: str | None
+    folder: str
+    dtype: str = "float32"
+    device: str = "auto"
+    timeout: float | None = None
+    echo: bool = True
+
+
+def conflict_pass(
+    model,
+    gold: Sequence[Sample] | None,
+    conflict: Sequence[Sample],
+    training: ReferenceTrainingConfig,
+    batch_size: int,
+    pad_token_id: int,
+    reporter: Callable[[str, int], Callable[[float], None] | None] = lambda stage, total: None,
+    reduce: Callable[[dict], dict] = lambda g_f: g_f,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The scores [S] (float64; None without ``gold``) and reference log-probs [S, 2] of the S
+    ``conflict`` samples at theta_ref: ``g_F`` over the ``gold`` samples, summed by ``reduce`` (the
+    identity in one process; an all-reduce over processes that each took a slice of the gold
+    batch), then the exact batched scores (:func:`~trace_realign.core.impact.impact_scores`).
+    ``reporter(part, total)`` gives the progress callback of each part ("gold", "scores",
+    "reference")."""
+    if gold is None:
+        return None, reference_logps(model, conflict, pad_token_id, batch_size, reporter("reference", len(conflict)))
+    g_f = reduce(gold_gradient(model, gold, training.beta, pad_token_id, batch_size, reporter("gold", len(gold))))
+    result = impact_scores(
+        model, conflict, g_f, training.beta, pad_token_id, training.punish_form, batch_size, reporter("scores", len(conflict))
+    )
+    return result.scores, result.ref_logps
+
+
+def scores_rank(job: RankJob) -> None:
+    """One rank of a multi-process scoring (:data:`~trace_realign.core.distributed.JOBS`): the model
+    at theta_ref on this rank's device, :func:`conflict_pass` on every ``world_size``-th gold and
+    conflict sample from this rank's index, ``g_F`` all-reduced; writes ``scores-rank<r>.pt``
+    (``index``, ``scores``, ``ref``)."""
+    import torch.distributed as dist
+
+    ranks = ScoreRanks(**job.spec["ranks"])
+    training = ReferenceTrainingConfig.model_validate(job.spec["training"])
+    payload = job.payload()
+    device = rank_device(ranks.device)
+    init_process_group()
+    model = trainable_model(ranks.model_path, training, dtype=ranks.dtype, device=device, adapter=ranks.adapter)
+    gold = payload["gold"]
+
+    def all_reduce(g_f):
+        for g in g_f.values():
+            dist.all_reduce(g)
+        return g_f
+
+    index = list(range(job.rank, len(payload["conflict"]), job.world_size))
+    scores, ref = conflict_pass(
+        model,
+        None if gold is None else gold[job.rank :: job.world_size],
+        [payload["conflict"][i] for i in index],
+        training,
+        job.spec["batch_size"],
+        job.spec["pad_token_id"],
+        reduce=all_reduce,
+    )
+    torch.save({"index": index, "scores": scores, "ref": ref}, job.folder / f"scores-rank{job.rank}.pt")
+
+
+def sharded_conflict_pass(
+    ranks: ScoreRanks,
+    launch: Launch,
+    gold: Sequence[Sample] | None,
+    conflict: Sequence[Sample],
+    training: ReferenceTrainingConfig,
+    batch_size: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """:func:`conflict_pass` on ``launch.num_processes`` processes (:func:`scores_rank`), the ranks'
+    slices put back in sample order. Raises
+    :class:`~trace_realign.core.distributed.RankFailed` (stage ``reference``) when a rank fails."""
+    spec = {
+        "ranks": asdict(ranks), "training": training.model_dump(mode="json", include=set(ReferenceTrainingConfig.model_fields)),
+        "batch_size": batch_size, "pad_token_id": pad_token_id,
+    }  # fmt: skip
+    folder = run_job(
+        "scores", spec, {"gold": None if gold is None else list(gold), "conflict": list(conflict)}, ranks.folder, launch,
+        stage="reference", echo=ranks.echo, timeout=ranks.timeout,
+    )  # fmt: skip
+    scores = None if gold is None else torch.zeros(len(conflict), dtype=torch.float64)
+    ref = torch.zeros((len(conflict), 2), dtype=torch.float32)
+    for rank in range(launch.num_processes):
+        part = torch.load(folder / f"scores-rank{rank}.pt")
+        index = torch.tensor(part["index"], dtype=torch.long)
+        if scores is not None:
+            scores[index] = part["scores"]
+        ref[index] = part["ref"]
+    return scores, ref
+
+
 def run_reference_stage(
     model,
     tokenizer,
@@ -116,6 +224,7 @@ def run_reference_stage(
     seed: int = 0,
     user_gold: Sequence[GoldPair] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    ranks: ScoreRanks | None = None,
 ) -> ReferenceOutput:
     """Build samples and compute their weights and reference log-probs at theta_ref.
 
@@ -125,6 +234,10 @@ def run_reference_stage(
     batches finish. Scores are ``s_i = <g_F, grad L_i>`` and weights ``w_i = max(0, s_i) / sum_k
     max(0, s_k)`` over the conflict samples (arXiv 2511.02623, stage 2); without
     ``weights.enabled`` every conflict sample weighs ``1 / N``.
+
+    With ``training.num_processes`` above 1 the scores and reference log-probs come from that many
+    processes (:func:`sharded_conflict_pass`; ``ranks`` says where they find the model, and is
+    required then: TraceError without it); ``progress`` then reports nothing.
     """
     encoder = encoder_for(tokenizer, training)
     samples = samples_for(triaged, encoder, training, triage)
@@ -145,7 +258,8 @@ def run_reference_stage(
     gold: list[GoldPair] = []
     scores: dict[str, float] = {}
     # The baselines train with uniform weights: impact weighting is TRACE's.
-    if weights.enabled and conflict and training.method == "trace":
+    weighted = weights.enabled and bool(conflict) and training.method == "trace"
+    if weighted:
         if user_gold:
             gold = list(user_gold)
         else:
@@ -158,24 +272,17 @@ def run_reference_stage(
                 size=weights.gold_size,
                 seed=seed,
             )
-        g_f = gold_gradient(
-            model, gold_samples(gold, encoder), training.beta, pad, weights.batch_size, reporter("gold", len(gold))
-        )
-        result = impact_scores(
-            model,
-            conflict,
-            g_f,
-            training.beta,
-            pad,
-            training.punish_form,
-            weights.batch_size,
-            reporter("scores", len(conflict)),
-        )
-        conflict_weights = impact_weights(result.scores)
-        ref = result.ref_logps
-        scores = {s.pair_id: float(v) for s, v in zip(conflict, result.scores)}
+    gold_batch = gold_samples(gold, encoder) if weighted else None
+    if training.num_processes > 1 and conflict:
+        if ranks is None:
+            raise TraceError("run_reference_stage: training.num_processes > 1 needs ranks (where the processes find the model)")
+        raw, ref = sharded_conflict_pass(ranks, Launch.of(training), gold_batch, conflict, training, weights.batch_size, pad)
     else:
-        ref = reference_logps(model, conflict, pad, weights.batch_size, reporter("reference", len(conflict)))
+        raw, ref = conflict_pass(model, gold_batch, conflict, training, weights.batch_size, pad, reporter)
+    if raw is not None:
+        conflict_weights = impact_weights(raw)
+        scores = {s.pair_id: float(v) for s, v in zip(conflict, raw)}
+    else:
         conflict_weights = torch.full((len(conflict),), 1.0 / max(1, len(conflict)), dtype=torch.float64)
     out = list(samples)
     for j, i in enumerate(conflict_idx):

@@ -22,8 +22,9 @@ comparable); ``"sum"`` uses them as they are, as the authors' code does.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -32,15 +33,19 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from trace_realign.core.config import TrainerConfig, TrainingConfig
+from trace_realign.core.distributed import Launch, RankJob, rank_device, run_job
 from trace_realign.core.errors import TraceError
 from trace_realign.core.logprobs import forward_logits, response_logps
 from trace_realign.core.losses import retain_kl
-from trace_realign.core.modeling import is_peft, save_adapter
+from trace_realign.core.modeling import frozen_reference, is_peft, load_tokenizer, resolve_device, save_adapter, trainable_model
 from trace_realign.core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
 from trace_realign.core.tokenization import SequenceBatch, pad_sequences
 
 SAVE_TOTAL_LIMIT = 2
 """Checkpoints kept while training: the last one to resume from, and the one before it."""
+
+COMPONENTS = ("prefer_loss", "punish_loss", "negate_loss", "prefer_margin", "punish_logratio", "retain_kl")
+"""The parts of the loss logged next to it: each the mean over the batches (of every process) since the last log."""
 
 
 class InjectedFailure(RuntimeError):
@@ -123,8 +128,11 @@ class TraceTrainer(Trainer):
         if self.ref_model is not None:
             yield self.ref_model
         else:
-            with self.accelerator.unwrap_model(model).disable_adapter():
-                yield model
+            # The unwrapped model: a DDP wrapper's forward is a collective (it broadcasts buffers), and
+            # only the processes whose batch holds RETAIN samples run this forward.
+            unwrapped = self.accelerator.unwrap_model(model)
+            with unwrapped.disable_adapter():
+                yield unwrapped
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``(sum_{conflict} w_i L_i + alpha_KL * sum_{retain} KL_i) / S`` over the batch's S samples,
@@ -170,9 +178,14 @@ class TraceTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:
-            for k, v in self._components.items():
-                if v:
-                    logs[k] = sum(v) / len(v)
+            # [C, 2]: sum and count of each component's batch means; summed over the processes,
+            # which all log at the same steps.
+            totals = torch.tensor([[sum(self._components[k]), len(self._components[k])] for k in COMPONENTS], dtype=torch.float64)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals.to(self.args.device), "sum").cpu()
+            for k, (total, count) in zip(COMPONENTS, totals.tolist()):
+                if count:
+                    logs[k] = total / count
             self._components.clear()
         super().log(logs, *args, **kwargs)
 
@@ -192,12 +205,20 @@ def weight_scale(samples: Sequence[Sample], normalization: str) -> float:
     return float(max(1, sum(1 for s in samples if s.kind != SampleKind.RETAIN)))
 
 
+def require_samples(samples: Sequence[Sample]) -> None:
+    """Raise TraceError when there is nothing to train on."""
+    if not samples:
+        raise TraceError("training: no samples to train on (every pair was UNKNOWN or filtered out)")
+
+
 def training_arguments(
-    trainer: TrainerConfig, output_dir: str | Path, *, seed: int = 0, progress: bool = True
+    trainer: TrainerConfig, output_dir: str | Path, *, seed: int = 0, progress: bool = True, use_cpu: bool = False
 ) -> TrainingArguments:
     """The transformers ``TrainingArguments`` of ``trainer`` (shared by every trainer here).
 
-    ``seed`` seeds the Trainer's RNG and data order; ``progress`` shows its progress bar.
+    ``seed`` seeds the Trainer's RNG and data order; ``progress`` shows its progress bar;
+    ``use_cpu`` trains on the CPU even where a GPU is visible (and makes the ranks of a launcher
+    on CPUs one gloo process group: without it the Trainer runs each rank alone).
     Checkpoints are written every ``save_steps`` (0: none), the last :data:`SAVE_TOTAL_LIMIT` kept.
     """
     save = trainer.save_steps > 0
@@ -226,6 +247,7 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
         disable_tqdm=not progress,
+        use_cpu=use_cpu,
     )
 
 
@@ -252,14 +274,13 @@ def train(
     checkpoint. Raises TraceError for no samples, or RETAIN samples under full fine-tuning without
     ``ref_model``.
     """
-    if not samples:
-        raise TraceError("training: no samples to train on (every pair was UNKNOWN or filtered out)")
+    require_samples(samples)
     if not is_peft(model) and ref_model is None and any(s.kind == SampleKind.RETAIN for s in samples):
         raise TraceError("training: full fine-tuning needs a frozen reference model for the RETAIN KL")
     dataset = SampleDataset(samples, weight_scale(samples, training.weight_normalization))
     trainer = TraceTrainer(
         model=model,
-        args=training_arguments(training, output_dir, seed=seed, progress=progress),
+        args=training_arguments(training, output_dir, seed=seed, progress=progress, use_cpu=next(model.parameters()).device.type == "cpu"),
         train_dataset=dataset,
         data_collator=SampleCollator(dataset, tokenizer.pad_token_id),
         processing_class=tokenizer,
@@ -272,6 +293,91 @@ def train(
     )
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return TrainResult(trainer.state.global_step, list(trainer.state.log_history), dict(output.metrics))
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """A training run as one process (or each of several) starts it: the model folder
+    ``model_path`` loaded in ``dtype`` on ``device`` (a ``model.device`` setting), with the initial
+    LoRA ``adapter`` (None under full fine-tuning), trained by ``training`` (a
+    :class:`TrainingConfig` as JSON) with ``seed`` into ``output_dir`` (checkpoints; the model in
+    ``output_dir/final``), from its last checkpoint when ``resume``. ``fail_at_step`` is the crash
+    test switch of :func:`train`; ``progress`` shows progress bars and the ranks' output."""
+
+    model_path: str
+    training: dict
+    output_dir: str
+    dtype: str = "float32"
+    device: str = "auto"
+    adapter: str | None = None
+    seed: int = 0
+    progress: bool = True
+    fail_at_step: int | None = None
+    resume: bool = False
+
+    @property
+    def final_dir(self) -> Path:
+        return Path(self.output_dir) / "final"
+
+
+@dataclass
+class TrainOutput:
+    """What a training run gives back: its :class:`TrainResult` and the saved folders
+    (:func:`save_output`'s ``{"adapter": path, ...}``)."""
+
+    result: TrainResult
+    paths: dict[str, str]
+
+
+def fit(job: TrainJob, samples: Sequence[Sample], *, device: str | None = None, save: bool = True) -> TrainOutput:
+    """Load the model of ``job`` on ``device`` (default: ``job.device`` resolved), train it on
+    ``samples`` (:func:`train`) and, with ``save``, save it to ``job.final_dir``
+    (:func:`save_output`; every process but the first of a multi-process run passes False).
+    Raises what :func:`train` and the model loading raise."""
+    training = TrainingConfig.model_validate(job.training)
+    device = device or resolve_device(job.device)
+    tokenizer = load_tokenizer(job.model_path)
+    model = trainable_model(job.model_path, training, dtype=job.dtype, device=device, seed=job.seed, adapter=job.adapter)
+    ref_model = frozen_reference(job.model_path, training.full_finetune, dtype=job.dtype, device=device)
+    result = train(
+        model, tokenizer, samples, training, job.output_dir, seed=job.seed, progress=job.progress,
+        fail_at_step=job.fail_at_step, ref_model=ref_model, resume_from_checkpoint=True if job.resume else None,
+    )  # fmt: skip
+    paths = save_output(model, tokenizer, job.final_dir, merge=training.merge) if save else {}
+    return TrainOutput(result, paths)
+
+
+def train_rank(rank_job: RankJob) -> None:
+    """One rank of a multi-process training (:data:`~trace_realign.core.distributed.JOBS`): the same
+    :func:`fit` on this rank's device; rank 0 saves the model and writes ``result.json``."""
+    job = TrainJob(**rank_job.spec["job"])
+    out = fit(job, rank_job.payload(), device=rank_device(job.device), save=rank_job.is_main)
+    if rank_job.is_main:
+        data = {"result": asdict(out.result), "paths": out.paths}
+        (rank_job.folder / "result.json").write_text(json.dumps(data, default=str), encoding="utf-8")
+
+
+def run_training(job: TrainJob, samples: Sequence[Sample], *, timeout: float | None = None) -> TrainOutput:
+    """Train as ``job`` asks, on ``training.num_processes`` processes: in this process when 1 (:func:`fit`),
+    else as a subprocess under the launcher of :meth:`Launch.of` whose ranks each run :func:`fit`
+    (the job folder, with the ranks' log ``ranks.log``, is ``output_dir/launch``; ``timeout`` in
+    seconds bounds it). Per-device batches are split over the processes: each takes every
+    ``num_processes``-th batch of the same seeded order, so one process with
+    ``per_device_batch_size x num_processes`` trains on the same global batches. Raises
+    TraceError for no samples before any process starts, and
+    :class:`~trace_realign.core.distributed.RankFailed` (stage ``train``, the failing rank and its
+    last error) when a rank fails."""
+    training = TrainingConfig.model_validate(job.training)
+    if training.num_processes == 1:
+        return fit(job, samples)
+    require_samples(samples)
+    launch = Launch.of(training)
+    folder = run_job(
+        "train", {"job": asdict(job)}, list(samples), Path(job.output_dir) / "launch", launch,
+        stage="train", echo=job.progress, timeout=timeout,
+    )  # fmt: skip
+    data = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    return TrainOutput(TrainResult(**data["result"]), data["paths"])
 
 
 def save_output(model, tokenizer, output_dir: str | Path, merge: bool = False) -> dict[str, str]:
