@@ -199,7 +199,7 @@ def _last_run_link(workdir: str, uri: str, server: str) -> str:
         return server
     try:
         experiment = tracking.client(uri).get_run(record["run_id"]).info.experiment_id
-    except MlflowException:  # the run was deleted since (trace-realign gc)
+    except MlflowException:  # the run was purged since (trace-realign gc, mlflow gc)
         return server
     return tracking.ui_link(server, experiment, record["run_id"])
 

@@ -171,3 +171,20 @@ def test_a_local_store_marks_the_experiment_as_training_and_keeps_a_kind_already
     chosen = c.create_experiment("chosen", artifact_location=(tmp_path / "b").as_uri(), tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
     tracking.experiment_id(c, "chosen", tmp_path)
     assert c.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_trace_realign_ui_prints_the_last_runs_page_in_the_training_view(tmp_path):
+    from trace_realign.flows.cli import _last_run_link
+
+    uri = tracking.tracking_uri(tmp_path, None)
+    c = tracking.client(uri)
+    experiment = tracking.experiment_id(c, "trace-realign", tmp_path)
+    run_id = c.create_run(experiment).info.run_id
+    server = "http://127.0.0.1:5000"
+    assert _last_run_link(str(tmp_path), uri, server) == server  # no run yet
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "last.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    assert _last_run_link(str(tmp_path), uri, server) == f"{server}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    assert _last_run_link(str(tmp_path), "http://elsewhere:5000", server) == server  # the run is in another store
+    (tmp_path / "runs" / "last.json").write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": uri}))
+    assert _last_run_link(str(tmp_path), uri, server) == server  # a run purged since (mlflow gc)
