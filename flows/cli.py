@@ -50,6 +50,8 @@ def _quiet_libraries() -> None:
 
 
 def _print_summary(manifest: dict) -> None:
+    from trace_realign.tasks import tracking
+
     stages = manifest.get("stages", {})
     print()
     print(f"{'stage':<12} {'cached':<7} mlflow run")
@@ -59,16 +61,19 @@ def _print_summary(manifest: dict) -> None:
     if evaluation:
         print()
         print(f"{'metric':<32} {'before':>10} {'after':>10}")
-        for key in sorted(k[:-7] for k in evaluation if k.endswith("_before")):
-            before, after = evaluation.get(f"{key}_before"), evaluation.get(f"{key}_after")
-            if isinstance(before, (int, float)) and isinstance(after, (int, float)):
-                print(f"{key:<32} {before:>10.2f} {after:>10.2f}")
-        for key in ("judge_accuracy", "judge_labelled_accuracy", "utility_ratio"):
+        for key, before, after in tracking.before_after(evaluation):
+            print(f"{key:<32} {before:>10.2f} {after:>10.2f}")
+        for key in tracking.SUMMARY_KEYS:
             if key in evaluation:
                 print(f"{key:<32} {evaluation[key]:>21.3f}")
     print()
     print(f"manifest: {manifest['manifest_path']}")
-    print(f"browse runs: trace-realign ui --workdir {manifest['config']['run']['workdir']}")
+    uri = manifest["config"]["mlflow"]["tracking_uri"]
+    if uri and tracking.serves_artifacts(uri):
+        experiment = tracking.client(uri).get_run(manifest["run_id"]).info.experiment_id
+        print(f"browse runs: {tracking.ui_link(uri, experiment, manifest['run_id'])}")
+    else:
+        print(f"browse runs: trace-realign ui --workdir {manifest['config']['run']['workdir']}")
 
 
 def _in_workdir(args, command: str, run_flow) -> int:
@@ -179,6 +184,26 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _last_run_link(workdir: str, uri: str, server: str) -> str:
+    """The UI's page of the working folder's last run when it is in store ``uri`` (in the UI's
+    model-training view: :func:`~trace_realign.tasks.tracking.ui_link`), else the UI's address."""
+    from mlflow.exceptions import MlflowException
+
+    from trace_realign.tasks import tracking
+
+    last = Path(workdir, "runs", "last.json")
+    if not last.is_file():
+        return server
+    record = json.loads(last.read_text(encoding="utf-8"))
+    if record.get("tracking_uri") != uri:
+        return server
+    try:
+        experiment = tracking.client(uri).get_run(record["run_id"]).info.experiment_id
+    except MlflowException:  # the run was purged since (trace-realign gc, mlflow gc)
+        return server
+    return tracking.ui_link(server, experiment, record["run_id"])
+
+
 def cmd_ui(args) -> int:
     """The MLflow UI on the run store until Ctrl-C or SIGTERM; the server (its own process group)
     stops with the command either way."""
@@ -189,7 +214,7 @@ def cmd_ui(args) -> int:
 
     uri = args.tracking_uri or tracking_uri(args.workdir, None)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    print(f"MLflow UI on {_last_run_link(args.workdir, uri, f'http://127.0.0.1:{args.port}')} (store {uri}); Ctrl-C stops it", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
 
     def stop(signum, frame):

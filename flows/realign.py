@@ -219,6 +219,8 @@ def _realign(
 
     try:
         loaded = run_stage(load_data, "load", fresh_set, stages, data=data, data_sha256=data_sha, run=run)
+        # The data set is the parent run's input too (the load stage's run is an older one when cached).
+        tracking.log_dataset(c, pid, "preference_pairs", cfg.data.path, data_sha, loaded.metrics.get("pairs"))
         if reaches("judge"):
             oracle = cfg.section("oracle")
             verdicts = []
@@ -285,6 +287,10 @@ def _realign(
                 c.set_tag(pid, f"stage.{stage}.cached", str(info["cached"]).lower())
         for stage, info in stages.items():
             tracking.log_metrics(c, pid, {f"{stage}.{k}": v for k, v in info["metrics"].items()})
+        model_id = stages.get("train", {}).get("info", {}).get("model_id")
+        if model_id:  # the realigned model (and its registered version) shows on the parent run too
+            tracking.log_model_output(c, pid, model_id)
+        c.set_tag(pid, tracking.DESCRIPTION_TAG, tracking.run_description(manifest))
         runs = Path(workdir, "runs")
         path = write_json_at(manifest, runs / pid / "manifest.json")
         write_json_at({"run_id": pid, "manifest": str(path), "tracking_uri": uri}, runs / "last.json")

@@ -110,9 +110,13 @@ def tag_value(value: Any) -> str:
     return text if len(text) <= MAX_TAG_VALUE_LENGTH else text[: MAX_TAG_VALUE_LENGTH - 3] + "..."
 
 
-def disable_telemetry() -> None:
+def quiet_mlflow() -> None:
+    """No telemetry, and (against a tracking server) none of MLflow's two "View run ... at" lines
+    per finished run: a run prints its own link (:func:`ui_link`), which opens the runs in the UI's
+    model-training view. Each is a default the environment can override."""
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def tracking_uri(workdir: str | Path, configured: str | None) -> str:
@@ -122,18 +126,48 @@ def tracking_uri(workdir: str | Path, configured: str | None) -> str:
 
 
 def client(uri: str):
-    disable_telemetry()
+    quiet_mlflow()
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow's mark of a model-training experiment (rather than a GenAI one), read by MLflow's own tools.
+MLflow 3.17's UI does not follow it: it opens the view of its GenAI / Model training switch (see
+:func:`ui_link`)."""
+
+
+def serves_artifacts(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server, which keeps the artifacts where it is configured to
+    (``mlflow server --serve-artifacts`` proxies them): the client then names no artifact folder."""
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
+def ui_link(server: str, experiment: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of ``experiment``'s runs (or of run ``run_id``) on ``server``
+    (``http://host:port``), in its model-training view.
+
+    MLflow 3.17's UI opens an experiment in the view its GenAI / Model training switch last showed in
+    this browser (GenAI at first), whatever the experiment's kind tag says; the link's
+    ``workflowType=machine_learning`` opens the model-training view (runs, metrics, models) instead.
+    """
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{server.rstrip('/')}/#/experiments/{experiment}/{page}?workflowType=machine_learning"
+
+
 def experiment_id(c, name: str, workdir: str | Path) -> str:
+    """The id of experiment ``name``, created when missing (a local store's artifacts in
+    ``<workdir>/mlruns``; a tracking server's where the server puts them). The experiment is marked
+    a model-training experiment for the UI (:data:`EXPERIMENT_KIND`) unless it has a kind already."""
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (Path(workdir).resolve() / "mlruns").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    if exp is None:
+        location = None if serves_artifacts(c.tracking_uri) else (Path(workdir).resolve() / "mlruns").as_uri()
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -282,8 +316,25 @@ def log_dataset(c, run_id: str, name: str, path: str | Path, digest: str, rows: 
     c.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
 
 
-def register_model(c, name: str, run_id: str, artifact_path: str, tags: Mapping[str, str]) -> str:
-    """Register the run's logged model folder in the model registry; returns the new version."""
+def log_model_output(c, run_id: str, model_id: str) -> None:
+    """Record the logged model ``model_id`` as an output of run ``run_id`` (listed under the run's
+    logged and registered models in the UI)."""
+    from mlflow.entities import LoggedModelOutput
+
+    c.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+
+
+def register_model(c, name: str, model_id: str, run_id: str, tags: Mapping[str, str]) -> str:
+    """Register the logged model ``model_id`` (made by run ``run_id``) as a new version of ``name``,
+    creating the registered model the first time; returns the new version.
+
+    ``mlflow.pyfunc.load_model("models:/<name>/<version>")`` loads the version, and it is listed in
+    the logged model's ``mlflow.modelVersions`` tag (what the UI shows under a run's registered
+    models). Its source is ``models:/<model_id>`` on a tracking server; a local store gets the logged
+    model's artifact folder instead (MLflow's local registry would look ``models:/<model_id>`` up in
+    the process-wide default store, not in ``c``'s). Raises MlflowException for anything but
+    "already exists".
+    """
     from mlflow.exceptions import MlflowException
 
     try:
@@ -291,9 +342,66 @@ def register_model(c, name: str, run_id: str, artifact_path: str, tags: Mapping[
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags))
+    source = f"models:/{model_id}" if serves_artifacts(c.tracking_uri) else c.get_logged_model(model_id).artifact_location
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags), model_id=model_id)
+    _link_model_version(c, model_id, name, mv.version)
     return mv.version
+
+
+def _link_model_version(c, model_id: str, name: str, version: str) -> None:
+    """Record ``name`` version ``version`` in the logged model's ``mlflow.modelVersions`` tag (what the
+    UI reads to show a run's registered models). A tracking server records it itself when the version
+    is created; a local store does not: the entry is added only when missing."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    versions = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if not any(v.get("name") == name and str(v.get("version")) == str(version) for v in versions):
+        c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*versions, {"name": name, "version": version}])})
+
+
+# --- the parent run's description ------------------------------------------------------------------
+
+DESCRIPTION_TAG = "mlflow.note.content"
+"""The run tag the MLflow UI shows (and edits) as the run's description."""
+
+SUMMARY_KEYS = ("judge_accuracy", "judge_labelled_accuracy", "utility_ratio")
+"""Evaluation metrics with one value (no before/after), shown under the before/after table."""
+
+
+def before_after(metrics: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """``(name, before, after)`` for every numeric ``<name>_before``/``<name>_after`` pair of the
+    evaluate stage's ``metrics``, by name."""
+    rows = []
+    for key in sorted(k[: -len("_before")] for k in metrics if k.endswith("_before")):
+        before, after = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+            rows.append((key, float(before), float(after)))
+    return rows
+
+
+def run_description(manifest: Mapping[str, Any]) -> str:
+    """The parent run's description (Markdown, the ``mlflow.note.content`` tag the UI shows): what was
+    realigned to which policy, its status, and the evaluation's before/after table (or why there is
+    none), cut to MLflow's tag limit."""
+    policy = manifest["policy"]
+    lines = [
+        f"TRACE realignment of `{manifest['model']['spec']}` to policy "
+        f"{policy.get('name') or Path(policy['path']).name} v{policy.get('version') or '?'} (sha256 {policy['sha256'][:12]}): "
+        f"{manifest['status']}, until {manifest['until']}.",
+        "",
+    ]
+    metrics = manifest["stages"].get("evaluate", {}).get("metrics", {})
+    rows = before_after(metrics)
+    if rows:
+        lines += ["| metric | before | after |", "| --- | ---: | ---: |"]
+        lines += [f"| {key} | {before:.3f} | {after:.3f} |" for key, before, after in rows]
+        lines += [""] + [f"- {key}: {metrics[key]:.3f}" for key in SUMMARY_KEYS if isinstance(metrics.get(key), (int, float))]
+    else:
+        lines.append("No before/after table: the evaluate stage did not run.")
+    if manifest.get("registered_model_name") and manifest["stages"].get("train", {}).get("info", {}).get("registered_version"):
+        version = manifest["stages"]["train"]["info"]["registered_version"]
+        lines += ["", f"Registered model: `models:/{manifest['registered_model_name']}/{version}`"]
+    return tag_value("\n".join(lines).strip())
 
 
 # --- housekeeping (trace-realign gc) ---------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import task
 
-from trace_realign.tasks import plots, tracking
+from trace_realign.tasks import mlflow_model, plots, tracking
 from trace_realign.tasks.artifacts import describe, read_parquet, read_triaged
 from trace_realign.tasks.common import StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
@@ -66,10 +66,11 @@ def train_stage(
             keys = sorted({k for h in result.log_history for k in h if k.endswith(("loss", "margin", "logratio", "kl"))} - {"train_loss"})
             png = plots.curves(result.log_history, keys, "training", Path(tmp) / "training_curves.png")
             stage.client.log_artifact(stage.run_id, str(png), "plots")
-        main = "adapter" if "adapter" in paths else "model"
-        stage.client.log_artifacts(stage.run_id, paths[main], "model")
+        model_id = mlflow_model.log_realigned_model(
+            stage.client, stage.run_id, paths, model_cfg.path, model_cfg.dtype, {"base_model_sha256": model_sha256, "policy_sha256": policy_sha256}
+        )
         version = None
         if registered_model_name:
-            version = tracking.register_model(stage.client, registered_model_name, stage.run_id, "model", {"policy_sha256": policy_sha256})
+            version = tracking.register_model(stage.client, registered_model_name, model_id, stage.run_id, {"policy_sha256": policy_sha256})
         artifacts = {name: describe(p) for name, p in paths.items()}
-        return stage.result(artifacts, metrics, info={"registered_version": version, "output_dir": str(final)})
+        return stage.result(artifacts, metrics, info={"registered_version": version, "model_id": model_id, "output_dir": str(final)})

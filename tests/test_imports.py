@@ -92,7 +92,7 @@ def test_imports_point_one_way():
     assert wrong == []
 
 
-SHARED_TASK_MODULES = {f"trace_realign.tasks.{m}" for m in ("common", "artifacts", "tracking", "plots")}
+SHARED_TASK_MODULES = {f"trace_realign.tasks.{m}" for m in ("common", "artifacts", "tracking", "mlflow_model", "plots")}
 
 
 def test_stage_tasks_do_not_import_each_other():

@@ -61,8 +61,12 @@ def test_register_model_swallows_only_already_exists(tmp_path):
     c = tracking.client(f"sqlite:///{tmp_path / 'm.db'}")
     exp = c.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
     run = c.create_run(exp)
-    assert tracking.register_model(c, "ok-name", run.info.run_id, "model", {}) == 1
-    assert tracking.register_model(c, "ok-name", run.info.run_id, "model", {}) == 2  # exists already: fine
+    model_id = c.create_logged_model(exp, source_run_id=run.info.run_id).model_id
+    assert tracking.register_model(c, "ok-name", model_id, run.info.run_id, {}) == 1
+    assert tracking.register_model(c, "ok-name", model_id, run.info.run_id, {}) == 2  # exists already: fine
+    # A local store does not list the versions on the logged model (a server does): register_model does.
+    listed = json.loads(c.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert [(v["name"], str(v["version"])) for v in listed] == [("ok-name", "1"), ("ok-name", "2")]
 
     class Refusing:
         def __getattr__(self, name):
@@ -72,7 +76,7 @@ def test_register_model_swallows_only_already_exists(tmp_path):
             raise MlflowException("the registry is read-only", error_code="PERMISSION_DENIED")
 
     with pytest.raises(MlflowException, match="read-only"):
-        tracking.register_model(Refusing(), "other", run.info.run_id, "model", {})
+        tracking.register_model(Refusing(), "other", model_id, run.info.run_id, {})
 
 
 def test_a_run_name_with_a_slash_runs_and_registers_a_mapped_name(tmp_path, judge):
