@@ -17,7 +17,7 @@ secret is written there: job variables are stored on the server. Stages are cach
 folder exactly as for ``run``, so a second submission with nothing changed is answered from the
 cache, whichever worker runs it.
 
-Nothing here imports Prefect at module level (see :mod:`trace_realign.flows.watch`).
+Nothing here imports Prefect at module level (see :mod:`trace_realign.flows.server`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.flows.settings import QUIET_LIBRARIES, prefect_environment
-from trace_realign.flows.watch import _use_prefect_settings, connect, deployment_name, ui_url_of
+from trace_realign.flows.server import connect, deployment_name, ui_url_of, use_prefect_settings
 
 DEFAULT_POOL_TYPE = "process"
 POLL_SECONDS = 1.0
@@ -136,7 +136,7 @@ def use_server(server: str | None, workdir: str | Path) -> str:
     if not url:
         raise ConfigError("--pool needs a running Prefect server: give --server URL or set PREFECT_API_URL")
     api_url = connect(url)
-    _use_prefect_settings({**prefect_environment(workdir), "PREFECT_API_URL": api_url})
+    use_prefect_settings({**prefect_environment(workdir), "PREFECT_API_URL": api_url})
     return api_url
 
 

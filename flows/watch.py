@@ -51,15 +51,12 @@ import datetime as dt
 import fcntl
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +64,9 @@ from typing import Any
 
 from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.policy import load_policy
+
+# api_url_of too: callers (and the tests) address the server helpers through this module as well.
+from trace_realign.flows.server import api_url_of, connect, deployment_name, healthy, ui_url_of, use_prefect_settings  # noqa: F401
 
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 5.0
@@ -230,29 +230,6 @@ def __getattr__(name: str) -> Any:
 # --- the Prefect server: start one or connect to one ----------------------------------------------
 
 
-def api_url_of(server: str) -> str:
-    """The API URL for ``--server``: a bare ``http://host:port`` (the UI address) gets ``/api``."""
-    url = server.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"--server {server!r}: expected a URL such as http://127.0.0.1:4200/api")
-    return url + "/api" if parts.path in ("", "/") else url
-
-
-def ui_url_of(api_url: str) -> str:
-    """The Prefect UI's address for an API URL (a self-hosted server serves the UI at its root)."""
-    return api_url[: -len("/api")] if api_url.endswith("/api") else api_url
-
-
-def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    """Whether ``<api_url>/health`` answers 200."""
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -326,14 +303,6 @@ def wait_healthy(
         time.sleep(0.25)
 
 
-def connect(server: str) -> str:
-    """The API URL of a running server given as ``--server``, checked with ``/health``."""
-    api_url = api_url_of(server)
-    if not healthy(api_url, timeout=5.0):
-        raise TraceError(f"Prefect server not reachable at {api_url} (GET {api_url}/health failed)")
-    return api_url
-
-
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -354,22 +323,6 @@ def watch_environment(workdir: str | Path, api_url: str) -> dict[str, str]:
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "ERROR",
         "PYTHONUNBUFFERED": "1",
     }
-
-
-def _use_prefect_settings(env: dict[str, str]) -> None:
-    """Apply Prefect settings from ``env``; refresh them if Prefect was imported before."""
-    os.environ.update(env)
-    if "prefect" in sys.modules:
-        from prefect.context import refresh_global_settings_context
-
-        refresh_global_settings_context()
-
-
-def deployment_name(run_name: str) -> str:
-    """``run.name`` as a Prefect deployment name: Prefect refuses ``/ % & > <`` in names, which
-    become ``-`` (``team/smoke`` -> ``team-smoke``; the original is in the deployment's description)."""
-    mapped = re.sub(r"[/%&><]", "-", run_name).strip() or "trace-realign"
-    return mapped
 
 
 def build_deployments(cfg, config_path: str, interval: float, cron: str | None, until: str) -> list:
@@ -587,7 +540,7 @@ def check_cron(cron: str, workdir: Path) -> None:
     """ConfigError naming ``--cron`` when Prefect would refuse the expression."""
     from trace_realign.flows.settings import prefect_environment
 
-    _use_prefect_settings(prefect_environment(workdir))  # before Prefect is first imported
+    use_prefect_settings(prefect_environment(workdir))  # before Prefect is first imported
     from prefect._internal.schemas.validators import validate_cron_string
 
     try:
@@ -701,7 +654,7 @@ def cmd_watch(args) -> int:
             if pool:
                 from trace_realign.flows.deploy import register
 
-                _use_prefect_settings(watch_environment(workdir, api_url))
+                use_prefect_settings(watch_environment(workdir, api_url))
                 _, work_pool = register(cfg, args.config, pool, getattr(args, "pool_type", None), until, cron=args.cron)
                 print(f"realign/{name}{cron} is on work pool {pool} ({work_pool.type}): its workers run it "
                       f"(PREFECT_API_URL={api_url} prefect worker start --pool {pool})", flush=True)
@@ -722,7 +675,7 @@ def cmd_watch(args) -> int:
                 [sys.executable, "-c", "import sys; from trace_realign.flows.watch import serve_main; sys.exit(serve_main(sys.argv[1]))", str(spec)],
                 env={**os.environ, **watch_environment(workdir, api_url)}, stdin=subprocess.DEVNULL, start_new_session=True,
             )
-            _use_prefect_settings(watch_environment(workdir, api_url))
+            use_prefect_settings(watch_environment(workdir, api_url))
 
             def remember_runs_in_flight() -> None:
                 from prefect.client.orchestration import get_client
