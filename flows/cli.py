@@ -5,7 +5,9 @@
     trace-realign prepare-model NAME
     trace-realign show [--workdir DIR]
     trace-realign ui [--workdir DIR] [--port N]
-    trace-realign watch --config F [--interval S] [--cron EXPR] [--server URL]
+    trace-realign watch --config F [--interval S] [--cron EXPR] [--server URL] [--pool NAME]
+    trace-realign deploy --config F --pool NAME [--pool-type TYPE] [--server URL]
+    trace-realign run --config F --pool NAME [--server URL] [--wait]
 
 Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -106,6 +108,14 @@ def _in_workdir(args, command: str, run_flow) -> int:
 
 
 def cmd_run(args) -> int:
+    if args.pool:
+        from trace_realign.flows.deploy import submit
+
+        manifest = submit(args)
+        if manifest is not None:
+            _print_summary(manifest)
+        return 0
+
     def run_flow(cfg) -> int:
         from trace_realign.flows.realign import realign
 
@@ -253,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
+    run.add_argument(
+        "--pool", default=None, metavar="NAME",
+        help="submit the run to the realign deployment on this Prefect work pool (see deploy): a worker runs it, not this command",
+    )
+    run.add_argument("--server", default=None, metavar="URL", help="with --pool: Prefect API URL of the server; default: PREFECT_API_URL")
+    run.add_argument("--wait", action="store_true", help="with --pool: wait for the run to finish and print its summary")
+    run.add_argument("--wait-timeout", type=float, default=None, metavar="S", help="with --wait: stop waiting after S seconds (the run goes on)")
     run.set_defaults(func=cmd_run)
     comp = sub.add_parser("compare", help="realign with several methods (and seeds) on the same data and compare them in one table")
     comp.add_argument("--config", required=True)
@@ -292,7 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--cron", default=None, help="also realign on this schedule")
     watch.add_argument("--server", default=None, help="Prefect API URL of a running server; default: start one")
     watch.add_argument("--until", default="evaluate", choices=STAGES, help="the stage each triggered run stops after")
+    watch.add_argument("--pool", default=None, metavar="NAME", help="put the realign deployment on this work pool: its workers run the triggered runs")
+    watch.add_argument("--pool-type", default=None, metavar="TYPE", help="the type of the work pool when it is created (default process)")
     watch.set_defaults(func=lambda a: __import__("trace_realign.flows.watch", fromlist=["cmd_watch"]).cmd_watch(a))
+    dep = sub.add_parser("deploy", help="register the realign flow as a deployment on a Prefect work pool (created if missing)")
+    dep.add_argument("--config", required=True)
+    dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dep.add_argument("--preset", action="append", default=[], metavar="NAME")
+    dep.add_argument("--pool", required=True, metavar="NAME", help="the work pool whose workers run the deployment")
+    dep.add_argument("--pool-type", default=None, metavar="TYPE", help="the type of the work pool when it is created (default process)")
+    dep.add_argument("--server", default=None, metavar="URL", help="Prefect API URL of the server holding the pool; default: PREFECT_API_URL")
+    dep.add_argument("--until", default="evaluate", choices=STAGES, help="the stage the deployment's runs stop after")
+    dep.set_defaults(func=lambda a: __import__("trace_realign.flows.deploy", fromlist=["cmd_deploy"]).cmd_deploy(a))
     gc = sub.add_parser("gc", help="delete what the last runs do not need (dry run unless --yes)")
     gc.add_argument("--workdir", default=".trace")
     gc.add_argument("--keep", type=int, default=3, help="keep the last N runs and everything they reference")

