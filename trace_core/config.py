@@ -261,6 +261,11 @@ class EvaluationConfig(Section):
     max_prompts: int = Field(64, ge=1, description="prompts generated for and judged")
     max_new_tokens: int = Field(96, ge=1, description="tokens generated per prompt (greedy)")
     batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+    generator: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="what generates the evaluation and attack answers: transformers, or vllm (offline engine, the "
+        "realigned model as a LoRA adapter on the base; needs vllm, see Scaling out)",
+    )
     judge: JudgeConfig | None = Field(None, description="judge for generations; default: the oracle")
     labels_path: str | None = Field(
         None,
