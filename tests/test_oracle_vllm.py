@@ -119,6 +119,36 @@ def test_judged_text_cannot_forge_a_turn_of_the_vllm_judge_chat(tiny_tokenizer):
     assert any(ids[i : i + len(text_ids)] == text_ids for i in range(len(ids)))
 
 
+# -- the vllm generator's checks, in this venv (no vllm) ---------------------------------------------
+
+def test_generator_vllm_fails_when_the_config_loads_where_vllm_is_missing():
+    from trace_realign.core.errors import ConfigError
+    from trace_realign.flows.config import load_config
+
+    assert load_config(ROOT / "configs" / "smoke.yaml", []).evaluation.generator == "transformers"
+    with pytest.raises(ConfigError, match=r"'evaluation.generator': .*vllm is not installed here.*setup.sh --vllm"):
+        load_config(ROOT / "configs" / "smoke.yaml", ["evaluation.generator=vllm"])
+
+
+def test_vllm_generator_checks_the_adapter_before_it_needs_vllm(tmp_path, tiny_model_dir):
+    from trace_realign.core.evaluation.vllm_generation import VLLMGenerator, lora_rank
+
+    with pytest.raises(TraceError, match="a full fine-tune .* needs evaluation.generator: transformers"):
+        VLLMGenerator(tiny_model_dir, adapter=None)
+    with pytest.raises(TraceError, match=r"adapter_config.json: cannot read the LoRA adapter's rank"):
+        VLLMGenerator(tiny_model_dir, adapter=tmp_path)
+    for r, rank in ((1, 1), (4, 8), (8, 8), (32, 32), (33, 64)):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r}))
+        assert lora_rank(tmp_path) == rank
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(TraceError, match="LoRA rank 1024 is above vLLM's largest"):
+        lora_rank(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    if not HAVE_VLLM:
+        with pytest.raises(TraceError, match=r"evaluation.generator: vllm needs vllm.*setup.sh --vllm"):
+            VLLMGenerator(tiny_model_dir, adapter=tmp_path)
+
+
 # -- the vllm judge and the vllm generator, for real, on this CPU (.venv-vllm) ---------------------
 
 SMOLLM2 = "smollm2-135m-instruct"

@@ -23,22 +23,11 @@ from trace_realign.core.data import Prompt
 from trace_realign.core.errors import TraceError
 from trace_realign.core.evaluation.generation import MAX_PROMPT_LENGTH, Progress, eos_ids
 from trace_realign.core.oracle.base import one_line
+from trace_realign.core.oracle.vllm_backend import import_vllm
 from trace_realign.core.tokenization import Encoder
 
 # vLLM accepts these LoRA ranks (``max_lora_rank``); an adapter of rank r needs the smallest >= r.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def _import_vllm() -> Any:
-    try:
-        import vllm
-    except ImportError as exc:
-        raise TraceError(
-            f"evaluation.generator: vllm needs vllm, which is not installed ({exc}); install it with "
-            "`pip install 'trace-realign[vllm]'` (GPU) or `bash scripts/setup.sh --vllm` (CPU build, in .venv-vllm), "
-            "or set evaluation.generator: transformers"
-        ) from None
-    return vllm
 
 
 def lora_rank(adapter: str | Path) -> int:
@@ -87,7 +76,7 @@ class VLLMGenerator:
             )
         self.base, self.adapter = str(base), str(adapter)
         rank = lora_rank(self.adapter)  # a bad adapter folder fails before the engine loads
-        self._vllm = _import_vllm()
+        self._vllm = import_vllm("evaluation.generator: vllm")
         try:
             self.llm: Any = self._vllm.LLM(
                 model=self.base, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
