@@ -153,15 +153,15 @@ def test_vllm_generator_checks_the_adapter_before_it_needs_vllm(tmp_path, tiny_m
 
 SMOLLM2 = "smollm2-135m-instruct"
 ENGINE_RUN_TIMEOUT_S = 900
-"""Bound on the one engine subprocess: two engine loads (about 45 s each on 2 idle cores), 12
+"""Bound on the one engine subprocess: two engine loads (about 45 s each on 2 idle cores), 10
 verdicts, 8 + 8 generations; room for a loaded CI machine, and a hang still fails."""
 
 
 def smoke_prompts_and_items() -> tuple[list[str], list[list[str]], list[str]]:
-    """The smoke pairs' first 8 distinct prompts, 12 (prompt, chosen) items and one comparison."""
+    """The smoke pairs' first 8 distinct prompts, 10 (prompt, response) items and one comparison."""
     rows = [json.loads(line) for line in (ROOT / "data" / "smoke" / "pairs.jsonl").read_text().splitlines() if line.strip()]
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:8]
-    items = [[r["prompt"], r["chosen"] if i % 2 else r["rejected"]] for i, r in enumerate(rows[:12])]
+    items = [[r["prompt"], r["chosen"] if i % 2 else r["rejected"]] for i, r in enumerate(rows[:10])]
     return prompts, items, [rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"]]
 
 
@@ -189,14 +189,14 @@ def engine_run(tmp_path_factory):
     job = {
         "model": str(base),
         "policy_path": str(ROOT / "configs" / "policies" / "smoke-new.md"),
-        "judge": {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "shard_size": 5, "max_correction_tokens": 16},
+        "judge": {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "shard_size": 4, "max_correction_tokens": 16},
         "items": items,
         "compare": [comparison],
         "correct": 1,
         "cache_path": str(tmp / "verdicts.sqlite"),
         "adapter": str(make_adapter(base, tmp / "adapter")),
         "prompts": prompts,
-        "max_new_tokens": 32,
+        "max_new_tokens": 16,
     }
     (tmp / "job.json").write_text(json.dumps(job))
     proc = subprocess.run(
@@ -210,13 +210,13 @@ def engine_run(tmp_path_factory):
 def test_vllm_judge_on_cpu_verdicts_confidences_shards_and_cache(engine_run):
     """The vllm judge (offline LLM, choice-constrained answer, top log-probs): every verdict known,
     its confidence the transformers judge's (same model, same chat, float32) to 1e-3, one engine call per
-    shard of 5, and the same items again through the verdict cache ask the engine nothing."""
+    shard of 4, and the same items again through the verdict cache ask the engine nothing."""
     job, result = engine_run
     verdicts = result["verdicts"]
-    assert len(verdicts) == 12 and all(v["raw"] in ("Yes", "No") for v in verdicts)
+    assert len(verdicts) == 10 and all(v["raw"] in ("Yes", "No") for v in verdicts)
     assert all(v["compliant"] == (v["raw"] == "No") for v in verdicts)
-    assert result["shard_calls"] == [5, 5, 2]
-    assert result["stats"]["requests"] == 12 and result["rerun_stats"]["requests"] == 0 and result["rerun_same"]
+    assert result["shard_calls"] == [4, 4, 2]
+    assert result["stats"]["requests"] == 10 and result["rerun_stats"]["requests"] == 0 and result["rerun_same"]
     assert result["comparisons"][0]["winner"] in ("A", "B", "tie")
     assert len(result["corrections"]) == 1 and result["corrections"][0]
 
