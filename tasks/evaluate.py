@@ -13,10 +13,12 @@ reference; with ``evaluation.attacks.wrappers``, the attack success rate before 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 from prefect import task
 
 from trace_realign.tasks import plots
@@ -35,6 +37,8 @@ from trace_realign.core.evaluation import (
     load_generation_labels,
 )
 from trace_realign.core.evaluation.benchmarks import plan_benchmarks, run_benchmarks
+from trace_realign.core.evaluation.generation import MAX_PROMPT_LENGTH
+from trace_realign.core.evaluation.vllm_generation import VLLMGenerator
 from trace_realign.core.modeling import load_realigned, load_tokenizer, resolve_device
 from trace_realign.core.oracle import VerdictCache
 from trace_realign.core.errors import DataError
@@ -93,7 +97,17 @@ def evaluate_stage(
             dtype=model_cfg.dtype, device=resolve_device(model_cfg.device),
         )  # fmt: skip
         judge = _evaluation_judge(evaluation, oracle, shards, policy, seed)
-        with VerdictCache(ctx.folder() / "verdicts.sqlite") as cache, Bar(
+        # evaluation.generator: vllm: one engine (the adapter served on the base) for TPA and attacks
+        engine = (
+            VLLMGenerator(
+                path, adapter=trained.get("adapter", {}).get("path"), dtype=model_cfg.dtype,
+                max_model_len=MAX_PROMPT_LENGTH + evaluation_cfg.max_new_tokens,
+                enforce_eager=not torch.cuda.is_available(), seed=seed,
+            )
+            if evaluation_cfg.generator == "vllm"
+            else contextlib.nullcontext()
+        )  # fmt: skip
+        with engine as generator, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache, Bar(
             "generating", 2 * len(prompts), ctx.progress
         ) as gen_bar, Bar("judging generations", 2 * len(prompts), ctx.progress) as judge_bar:
             result = evaluate_realignment(
@@ -103,6 +117,7 @@ def evaluate_stage(
                 batch_size=evaluation_cfg.batch_size, max_length=training["max_length"],
                 generation_progress=gen_bar.absolute, judge_progress=judge_bar.absolute,
                 attack_prompts=attack_prompts, attack_wrappers=attacks_cfg.wrappers, attack_source=attack_source,
+                generator=generator,
             )  # fmt: skip
         folder = ctx.folder("artifacts", "evaluation")
         table_path = write_parquet(pa.Table.from_pylist(result.rows, schema=GENERATIONS_SCHEMA), folder, "generations")

@@ -1,18 +1,23 @@
-"""The vllm judge: a clear error without vllm; its answer reading and placement without vllm; a real
-run where vllm and a GPU are present."""
+"""The vllm judge: a clear error without vllm; its answer reading and placement without vllm. Real runs
+of the vllm judge and generator on this CPU are in tests/test_vllm_cpu.py."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from tests.test_evaluation import _perturb_lora_b
+from tests.vllm_venv import ROOT, vllm_env, vllm_python
 from trace_realign.core.errors import TraceError
 from trace_realign.core.oracle import JudgeItem, make_judge
 from trace_realign.core.oracle.vllm_backend import verdict_from_vllm, vllm_placement
-from trace_realign.core.policy import parse_policy
+from trace_realign.core.policy import load_policy, parse_policy
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -28,28 +33,6 @@ def test_vllm_config_is_validated_without_importing_vllm():
 
     with pytest.raises(ConfigError, match="gpu_memory_utilisation"):
         make_judge({"backend": "vllm", "model": "m", "gpu_memory_utilisation": 0.5})
-
-
-@pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed")
-def test_vllm_judges_the_tiny_model(tmp_path):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("the vllm judge needs a GPU")
-    from trace_realign.core.tiny import build_tiny_model
-
-    model = build_tiny_model(tmp_path / "tiny")
-    judge = make_judge({"backend": "vllm", "model": str(model), "gpu_memory_utilization": 0.3, "enforce_eager": True})
-    policy = parse_policy("Be helpful.")
-    items = [JudgeItem(f"question {i}", f"answer {i}") for i in range(6)]
-    verdicts = judge.judge(items, policy)
-    assert len(verdicts) == 6
-    for v in verdicts:
-        # The single token is constrained to the two answers, so every verdict is known.
-        assert v.compliant is not None and v.raw in ("Yes", "No")
-        assert v.confidence is None or 0.0 <= v.confidence <= 1.0
-    fixes = judge.correct(items[:2], policy)
-    assert len(fixes) == 2
-    judge.close()
 
 
 # -- pure pieces of the vllm backend, exercised without vllm ----------------------------------------
@@ -134,3 +117,126 @@ def test_judged_text_cannot_forge_a_turn_of_the_vllm_judge_chat(tiny_tokenizer):
     text_ids = tiny_tokenizer(forged, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     ids = judge.llm.prompts[0]["prompt_token_ids"]
     assert any(ids[i : i + len(text_ids)] == text_ids for i in range(len(ids)))
+
+
+# -- the vllm generator's checks, in this venv (no vllm) ---------------------------------------------
+
+def test_generator_vllm_fails_when_the_config_loads_where_vllm_is_missing():
+    from trace_realign.core.errors import ConfigError
+    from trace_realign.flows.config import load_config
+
+    assert load_config(ROOT / "configs" / "smoke.yaml", []).evaluation.generator == "transformers"
+    with pytest.raises(ConfigError, match=r"'evaluation.generator': .*vllm is not installed here.*setup.sh --vllm"):
+        load_config(ROOT / "configs" / "smoke.yaml", ["evaluation.generator=vllm"])
+
+
+def test_vllm_generator_checks_the_adapter_before_it_needs_vllm(tmp_path, tiny_model_dir):
+    from trace_realign.core.evaluation.vllm_generation import VLLMGenerator, lora_rank
+
+    with pytest.raises(TraceError, match="a full fine-tune .* needs evaluation.generator: transformers"):
+        VLLMGenerator(tiny_model_dir, adapter=None)
+    with pytest.raises(TraceError, match=r"adapter_config.json: cannot read the LoRA adapter's rank"):
+        VLLMGenerator(tiny_model_dir, adapter=tmp_path)
+    for r, rank in ((1, 1), (4, 8), (8, 8), (32, 32), (33, 64)):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r}))
+        assert lora_rank(tmp_path) == rank
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(TraceError, match="LoRA rank 1024 is above vLLM's largest"):
+        lora_rank(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    if not HAVE_VLLM:
+        with pytest.raises(TraceError, match=r"evaluation.generator: vllm needs vllm.*setup.sh --vllm"):
+            VLLMGenerator(tiny_model_dir, adapter=tmp_path)
+
+
+# -- the vllm judge and the vllm generator, for real, on this CPU (.venv-vllm) ---------------------
+
+SMOLLM2 = "smollm2-135m-instruct"
+ENGINE_RUN_TIMEOUT_S = 900
+"""Bound on the one engine subprocess: two engine loads (about 45 s each on 2 idle cores), 10
+verdicts, 8 + 8 generations; room for a loaded CI machine, and a hang still fails."""
+
+
+def smoke_prompts_and_items() -> tuple[list[str], list[list[str]], list[str]]:
+    """The smoke pairs' first 8 distinct prompts, 10 (prompt, response) items and one comparison."""
+    rows = [json.loads(line) for line in (ROOT / "data" / "smoke" / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))[:8]
+    items = [[r["prompt"], r["chosen"] if i % 2 else r["rejected"]] for i, r in enumerate(rows[:10])]
+    return prompts, items, [rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"]]
+
+
+def make_adapter(base: Path, folder: Path) -> Path:
+    """A LoRA adapter (r 8) whose B matrices are small random values, so the realigned model answers
+    differently from the base but still in words."""
+    from trace_realign.core.config import LoraConfig
+    from trace_realign.core.modeling import add_lora, load_model, save_adapter
+
+    model = add_lora(load_model(base), LoraConfig(r=8, alpha=16, dropout=0.0), seed=0)
+    _perturb_lora_b(model, scale=0.01)
+    return save_adapter(model, folder)
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory):
+    """One .venv-vllm subprocess (scripts/vllm_engine_run.py) that judges with the vllm judge and then
+    generates with the vllm generator, on the prepared SmolLM2-135M-Instruct: (job, result)."""
+    from trace_realign.core.assets import prepare_model
+
+    python = vllm_python()
+    tmp = tmp_path_factory.mktemp("vllm")
+    base = prepare_model(SMOLLM2)
+    prompts, items, comparison = smoke_prompts_and_items()
+    job = {
+        "model": str(base),
+        "policy_path": str(ROOT / "configs" / "policies" / "smoke-new.md"),
+        "judge": {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "shard_size": 4, "max_correction_tokens": 16},
+        "items": items,
+        "compare": [comparison],
+        "correct": 1,
+        "cache_path": str(tmp / "verdicts.sqlite"),
+        "adapter": str(make_adapter(base, tmp / "adapter")),
+        "prompts": prompts,
+        "max_new_tokens": 16,
+    }
+    (tmp / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run(
+        [str(python), str(ROOT / "scripts" / "vllm_engine_run.py"), str(tmp / "job.json"), str(tmp / "result.json")],
+        cwd=tmp, env=vllm_env(), capture_output=True, text=True, timeout=ENGINE_RUN_TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return job, json.loads((tmp / "result.json").read_text())
+
+
+def test_vllm_judge_on_cpu_verdicts_confidences_shards_and_cache(engine_run):
+    """The vllm judge (offline LLM, choice-constrained answer, top log-probs): every verdict known,
+    its confidence the transformers judge's (same model, same chat, float32) to 1e-3, one engine call per
+    shard of 4, and the same items again through the verdict cache ask the engine nothing."""
+    job, result = engine_run
+    verdicts = result["verdicts"]
+    assert len(verdicts) == 10 and all(v["raw"] in ("Yes", "No") for v in verdicts)
+    assert all(v["compliant"] == (v["raw"] == "No") for v in verdicts)
+    assert result["shard_calls"] == [4, 4, 2]
+    assert result["stats"]["requests"] == 10 and result["rerun_stats"]["requests"] == 0 and result["rerun_same"]
+    assert result["comparisons"][0]["winner"] in ("A", "B", "tie")
+    assert len(result["corrections"]) == 1 and result["corrections"][0]
+
+    reference = make_judge({"backend": "transformers", "model_path": job["model"], "dtype": "float32", "device": "cpu"})
+    expected = reference.judge([JudgeItem(p, r) for p, r in job["items"]], load_policy(job["policy_path"]))
+    assert [v["compliant"] for v in verdicts] == [v.compliant for v in expected]
+    assert [v["confidence"] for v in verdicts] == pytest.approx([v.confidence for v in expected], abs=1e-3)
+
+
+def test_vllm_generator_matches_the_transformers_generator(engine_run):
+    """evaluation.generator: vllm (the adapter served on the base as a LoRARequest) gives the
+    transformers generator's greedy answers on the smoke prompts, for the base and the adapter."""
+    from trace_realign.core.evaluation import generate_reference_and_realigned
+    from trace_realign.core.modeling import load_realigned, load_tokenizer
+
+    job, result = engine_run
+    model, _ = load_realigned(job["model"], adapter=job["adapter"], dtype="float32", device="cpu")
+    reference, realigned, _, _ = generate_reference_and_realigned(
+        model, load_tokenizer(job["model"]), job["prompts"], max_new_tokens=job["max_new_tokens"]
+    )
+    assert reference != realigned  # the adapter changes the answers, so the LoRA path is exercised
+    assert result["reference"] == reference
+    assert result["realigned"] == realigned

@@ -9,10 +9,11 @@ MLflow sections, is read by :mod:`trace_realign.flows.config`.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trace_realign.core.oracle.config import INPUT_FILE, JudgeConfig
 from trace_realign.core.resources import SHIPPED_ROOT
@@ -279,6 +280,11 @@ class EvaluationConfig(Section):
     max_prompts: int = Field(64, ge=1, description="prompts generated for and judged")
     max_new_tokens: int = Field(96, ge=1, description="tokens generated per prompt (greedy)")
     batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+    generator: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="what generates the evaluation and attack answers: transformers, or vllm (offline engine, the "
+        "realigned model as a LoRA adapter on the base; needs vllm, see Scaling out)",
+    )
     judge: JudgeConfig | None = Field(None, description="judge for generations; default: the oracle")
     labels_path: str | None = Field(
         None,
@@ -294,6 +300,17 @@ class EvaluationConfig(Section):
         "'Compliant' or 'Non-compliant', an ambiguous answer non-compliant)",
     )
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig, description="utility on lm-evaluation-harness tasks before and after")
+
+    @field_validator("generator")
+    @classmethod
+    def _vllm_is_installed(cls, value: str) -> str:
+        """generator vllm where vllm is missing fails when the config loads, not after training."""
+        if value == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError(
+                "vllm is not installed here: install it (`pip install 'trace-realign[vllm]'` on a GPU machine; "
+                "the CPU build's venv: `bash scripts/setup.sh --vllm`, .venv-vllm) or use generator transformers"
+            )
+        return value
 
 
 def marked_settings(cfg: BaseModel, marks: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -27,7 +27,7 @@ import yaml
 
 from trace_realign.core.data import load_prompts
 from trace_realign.core.errors import DataError, TraceError
-from trace_realign.core.evaluation.generation import Progress, generate_reference_and_realigned
+from trace_realign.core.evaluation.generation import Generator, Progress, generate_reference_and_realigned
 from trace_realign.core.evaluation.run import judge_generations
 from trace_realign.core.evaluation.tpa import target_policy_agreement
 from trace_realign.core.oracle.base import Judge, Verdict
@@ -168,13 +168,14 @@ def evaluate_attacks(
     batch_size: int = 8,
     generation_progress: Progress | None = None,
     judge_progress: Progress | None = None,
+    generator: Generator | None = None,
 ) -> AttackResult:
     """ASR before (reference) and after (realigned) for each wrapper over ``prompts``.
 
     Every prompt is wrapped by every wrapper; the reference and the realigned model answer each
     wrapped prompt greedily (:func:`generate_reference_and_realigned`, the generation of TPA), the
     judge judges each (wrapped prompt, response) through ``cache``, and :func:`attack_success_rate`
-    gives the ASRs. ``source`` names the prompts' origin in the result. Raises DataError for no
+    gives the ASRs (``generator``: as for TPA). ``source`` names the prompts' origin in the result. Raises DataError for no
     prompts, ValueError for an unknown wrapper, TraceError as generation and judging do.
     """
     if not prompts:
@@ -182,7 +183,7 @@ def evaluate_attacks(
     cases = [(w, p, wrap(w, p)) for w in wrappers for p in prompts]
     asked = [c for _, _, c in cases]
     reference, realigned, _, _ = generate_reference_and_realigned(
-        model, tokenizer, asked, reference_model=reference_model, progress=generation_progress,
+        model, tokenizer, asked, reference_model=reference_model, progress=generation_progress, generator=generator,
         max_new_tokens=max_new_tokens, batch_size=batch_size,
     )  # fmt: skip
     verdicts, _ = judge_generations(judge, asked * 2, reference + realigned, policy, cache=cache, progress=judge_progress)

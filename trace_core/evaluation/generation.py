@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -14,13 +14,27 @@ from trace_realign.core.errors import TraceError
 from trace_realign.core.modeling import eval_mode, is_peft, reference_mode
 from trace_realign.core.tokenization import Encoder, left_pad, length_batches
 
+MAX_PROMPT_LENGTH = 512
+"""Prompt tokens kept by default (longer prompts are cut, keeping the assistant header)."""
+
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each batch."""
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a generation: the model's generation config's EOS ids and the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+class Generator(Protocol):
+    """An engine that generates the reference's and the realigned model's answers itself
+    (:class:`~trace_realign.core.evaluation.vllm_generation.VLLMGenerator`), in place of the
+    transformers model passed to :func:`generate_reference_and_realigned`."""
+
+    def reference_and_realigned(
+        self, tokenizer, prompts: Sequence[Prompt], *, progress: Progress | None = None, **generate_kwargs: Any
+    ) -> tuple[list[str], list[str], float, float]: ...
+
+
+def eos_ids(generation_config, tokenizer) -> list[int]:
+    """Token ids that end a generation: ``generation_config``'s EOS ids (a transformers
+    GenerationConfig, or None) and the tokenizer's. Raises TraceError when neither names one."""
+    eos = getattr(generation_config, "eos_token_id", None)
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -39,7 +53,7 @@ def generate(
     greedy: bool = True,
     temperature: float = 0.7,
     seed: int = 0,
-    max_prompt_length: int = 512,
+    max_prompt_length: int = MAX_PROMPT_LENGTH,
     progress: Progress | None = None,
 ) -> list[str]:
     """One generated response per prompt, in order.
@@ -77,7 +91,7 @@ def generate(
     )
     out: list[str] = [""] * len(prompts)
     done = 0
-    eos_ids = _eos_ids(model, tokenizer)
+    stop = eos_ids(getattr(model, "generation_config", None), tokenizer)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), eval_mode(model), torch.inference_mode():
         torch.manual_seed(seed)
@@ -87,7 +101,7 @@ def generate(
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=eos_ids,
+                eos_token_id=stop,
                 pad_token_id=pad,
                 **sampling,
             )
@@ -126,6 +140,7 @@ def generate_reference_and_realigned(
     *,
     reference_model=None,
     progress: Progress | None = None,
+    generator: Generator | None = None,
     **generate_kwargs: Any,
 ) -> tuple[list[str], list[str], float, float]:
     """(reference generations, realigned generations, reference seconds, realigned seconds) for
@@ -135,8 +150,12 @@ def generate_reference_and_realigned(
     the weights serves both; after full fine-tuning pass the frozen reference as ``reference_model``
     (TraceError otherwise). ``generate_kwargs`` go to :func:`generate` (the same settings for both
     models). ``progress`` sees the reference's prompts and then the realigned model's, out of twice
-    their number.
+    their number. With a ``generator`` (``evaluation.generator: vllm``) that engine generates both
+    instead, with the same prompts, formatting and settings
+    (:meth:`~trace_realign.core.evaluation.vllm_generation.VLLMGenerator.reference_and_realigned`).
     """
+    if generator is not None:
+        return generator.reference_and_realigned(tokenizer, prompts, progress=progress, **generate_kwargs)
     n = len(prompts)
 
     def offset(start: int) -> Progress | None:

@@ -21,7 +21,7 @@ from trace_realign.core.data import PreferencePair, Prompt, canonical_json, load
 from trace_realign.core.errors import DataError
 from trace_realign.core.evaluation.attacks import evaluate_attacks
 from trace_realign.core.evaluation.degeneration import distinct_n, seq_rep_n
-from trace_realign.core.evaluation.generation import Progress
+from trace_realign.core.evaluation.generation import Generator, Progress
 from trace_realign.core.evaluation.labels import LabelledResponse, judge_on_labels, labelled_tpa
 from trace_realign.core.evaluation.run import evaluate_generations
 from trace_realign.core.evaluation.utility import utility_proxy
@@ -112,6 +112,7 @@ def evaluate_realignment(
     attack_prompts: Sequence[str] = (),
     attack_wrappers: Sequence[str] = (),
     attack_source: str = "",
+    generator: Generator | None = None,
 ) -> RealignmentReport:
     """Evaluate a realigned model against its reference.
 
@@ -122,12 +123,13 @@ def evaluate_realignment(
     generation has one (:func:`labelled_tpa`). The win rate of the realigned model against the
     reference on the same generations (:func:`win_rate`, both orders asked; no extra generation).
     With ``attack_prompts`` and ``attack_wrappers``, ASR before and after
-    (:func:`evaluate_attacks`; ``attack_source`` names the prompts' origin). Raises DataError as the
+    (:func:`evaluate_attacks`; ``attack_source`` names the prompts' origin). ``generator`` (a vLLM
+    engine, ``evaluation.generator: vllm``) generates both models' answers instead of ``realigned``. Raises DataError as the
     functions it calls do, TraceError for a judge that cannot compare two responses.
     """
     result = evaluate_generations(
         realigned, tokenizer, prompts, judge, policy,
-        groups=groups, reference_model=reference_model, cache=cache,
+        groups=groups, reference_model=reference_model, cache=cache, generator=generator,
         max_new_tokens=max_new_tokens, batch_size=batch_size,
         generation_progress=generation_progress, judge_progress=judge_progress,
     )  # fmt: skip
@@ -172,6 +174,7 @@ def evaluate_realignment(
         found = evaluate_attacks(
             realigned, tokenizer, judge, policy, attack_prompts, attack_wrappers, source=attack_source,
             reference_model=reference_model, cache=cache, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            generator=generator,
         )  # fmt: skip
         metrics.update(found.metrics)
         attack_rows = found.rows

@@ -9,7 +9,7 @@ from typing import Any
 
 from trace_realign.core.data import Prompt
 from trace_realign.core.errors import DataError, TraceError
-from trace_realign.core.evaluation.generation import Progress, generate_reference_and_realigned
+from trace_realign.core.evaluation.generation import Generator, Progress, generate_reference_and_realigned
 from trace_realign.core.evaluation.tpa import (
     DEFAULT_GROUP,
     group_name,
@@ -90,6 +90,7 @@ def evaluate_generations(
     max_prompt_length: int = 512,
     generation_progress: Progress | None = None,
     judge_progress: Progress | None = None,
+    generator: Generator | None = None,
 ) -> EvaluationResult:
     """Generate with the reference and the realigned model on held-out ``prompts``, judge both
     under ``policy`` and report TPA before (reference) and after (realigned), overall and per group.
@@ -99,6 +100,7 @@ def evaluate_generations(
     when it has one, as a trained local judge does) is reported next to the TPAs together with
     :func:`significant_improvement`. Generation is greedy (deterministic); ``cache`` avoids judging
     an identical (prompt, response) twice, e.g. when the two models answer alike or the stage reruns.
+    ``generator`` (a vLLM engine, ``evaluation.generator: vllm``) generates instead of ``model``.
     Raises DataError for no prompts or a ``groups`` of another length, TraceError for a judge that
     cannot read generated text.
     """
@@ -116,6 +118,7 @@ def evaluate_generations(
         prompts,
         reference_model=reference_model,
         progress=generation_progress,
+        generator=generator,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_prompt_length=max_prompt_length,

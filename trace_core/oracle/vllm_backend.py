@@ -1,4 +1,4 @@
-"""The vllm judge: offline ``vllm.LLM`` on a GPU.
+"""The vllm judge: offline ``vllm.LLM`` (on a GPU, or vLLM's CPU build: ``bash scripts/setup.sh --vllm``).
 
 Items are judged in shards of ``shard_size``, one ``LLM.chat`` call each, with the policy as the
 identical leading system message of every chat so that vLLM's prefix cache computes it once. The
@@ -15,7 +15,8 @@ with "auto", a chat template that refuses a system message gets the policy in th
 (said once in the log); where the tokenizer cannot render chats, the setting decides ("auto" means
 system). Any other template failure is one TraceError naming the model.
 
-vllm is an optional extra (``pip install 'trace-realign[vllm]'``) and is imported only here.
+vllm is an optional extra (``pip install 'trace-realign[vllm]'``) and is imported only here and in
+:mod:`~trace_realign.core.evaluation.vllm_generation`.
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ from trace_realign.core.policy import Policy
 from trace_realign.core.tokenization import encode_chat
 
 
-def import_vllm() -> Any:
-    """The vllm module, or a TraceError saying how to install it."""
+def import_vllm(what: str = "the vllm judge backend") -> Any:
+    """The vllm module, or a TraceError saying that ``what`` needs it and how to install it."""
     try:
         import vllm
     except ImportError as exc:
         raise TraceError(
-            f"the vllm judge backend needs vllm, which is not installed ({exc}); "
-            "install it with `pip install 'trace-realign[vllm]'` on a GPU machine, or use backend openai "
-            "against a `vllm serve` endpoint"
+            f"{what} needs vllm, which is not installed ({exc}); install it with "
+            "`pip install 'trace-realign[vllm]'` on a GPU machine, or run in the CPU build's venv made by "
+            "`bash scripts/setup.sh --vllm` (.venv-vllm)"
         ) from None
     return vllm
 
