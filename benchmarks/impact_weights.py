@@ -9,7 +9,8 @@ Measures, on the same conflict pairs in this one process, one after another:
     together (``trace_realign.core.impact.impact_scores``: per-layer products of output gradients
     with g_F applied to the layer inputs, no per-sample weight gradient);
 (c) the floor: one plain batched forward+backward of the summed losses over the same sequences,
-    batched exactly as (b) batches them (rows sorted by length).
+    batched exactly as (b) batches them (rows sorted by length), log-probs taken as (b) takes
+    them (the LM head at response tokens only, ``trace_realign.core.logprobs.sequence_logps``).
 
 The impact score of a pair is the dot product of its loss gradient with g_F, the gradient of the
 gold batch's DPO loss (TRACE's impact weighting, arXiv 2511.02623); g_F is the same input to (a)
@@ -37,7 +38,7 @@ offline_environment()
 import torch  # noqa: E402
 
 from trace_realign.core.impact import _row_batches, _rows, gold_gradient, impact_scores, loss_coefficients, reference_logps  # noqa: E402
-from trace_realign.core.logprobs import forward_logits, response_logps  # noqa: E402
+from trace_realign.core.logprobs import forward_logits, response_logps, sequence_logps  # noqa: E402
 from trace_realign.core.config import LoraConfig  # noqa: E402
 from trace_realign.core.modeling import DTYPES, add_lora, load_model, load_tokenizer, resolve_device, trainable_parameters  # noqa: E402
 from trace_realign.core.objective import SampleKind  # noqa: E402
@@ -51,7 +52,7 @@ def floor_pass(model, samples, beta: float, pad: int, batch_size: int) -> None:
     model.eval()
     rows = _rows(samples, loss_coefficients(samples, beta))
     for _, batch, coef in _row_batches(samples, rows, 2 * batch_size, pad, model.device):
-        (coef * response_logps(forward_logits(model, batch), batch)).sum().backward()
+        (coef * sequence_logps(model, batch)).sum().backward()
     model.zero_grad(set_to_none=True)
 
 

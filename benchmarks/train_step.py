@@ -16,7 +16,8 @@ fp32, no gradient checkpointing, gradient accumulation 1:
                 no reference pass, no Trainer). The memory floor for ``trace``.
 - ``mixed`` (optional, ``--mixed``): ``trace_realign.core.training.train`` on a mixed TRACE batch (INVERT,
                 PUNISH and RETAIN thirds) built by ``trace_realign.core.reference.run_reference_stage`` with
-                impact weights; RETAIN samples need a no-grad reference forward (full logits) for their KL.
+                impact weights; RETAIN samples need a no-grad reference forward for their KL (full distributions
+                at RETAIN response tokens).
 
 Tokens are the non-padding tokens (prompt + response, chosen + rejected) of the sequences that the
 training forward of each step processed, counted the same way for every trainer: a forward pre-hook
@@ -135,7 +136,7 @@ def run_baseline(spec, tokenizer, model, pairs) -> Measured:
     """One model copy with its activations: forward + backward + AdamW on the trace run's batches."""
     import torch
 
-    from trace_realign.core.logprobs import forward_logits, response_logps
+    from trace_realign.core.logprobs import sequence_logps
     from trace_realign.core.objective import SampleKind, conflict_losses, flatten_sequences, gather_pairs
     from trace_realign.core.tokenization import pad_sequences
 
@@ -151,7 +152,7 @@ def run_baseline(spec, tokenizer, model, pairs) -> Measured:
         batch = pad_sequences(sequences, tokenizer.pad_token_id).to(device)
         kinds = torch.full((len(chosen),), int(SampleKind.PREFER), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
-            logps = response_logps(forward_logits(model, batch), batch)
+            logps = sequence_logps(model, batch)  # as the trace run takes them: the LM head at response tokens
         policy = gather_pairs(logps.float(), row_sample.to(device), row_slot.to(device), len(chosen))
         loss = conflict_losses(kinds, policy, torch.zeros_like(policy), BETA).mean()  # no reference pass
         loss.backward()

@@ -1,3 +1,4 @@
+import contextlib
 import random
 
 import pytest
@@ -212,3 +213,36 @@ def test_no_triage_never_pushes_down_a_response_the_new_policy_prefers(tiny_toke
         samples = build_samples(inverts, enc, use_triage=False, use_corrections=corrections)
         pushed = [tiny_tokenizer.decode(s.sequences[0].input_ids[s.sequences[0].response_start :]).replace("<|im_end|>", "") for s in samples]
         assert pushed == ["violating 0", "violating 1", "violating 2"]
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_training_on_response_tokens_equals_training_on_full_logits(tiny_model_dir, tiny_tokenizer, tmp_path, full_finetune):
+    """The trainer's loss (log-probs and the RETAIN KL at response tokens only) steps like the full-vocabulary one."""
+    from trace_realign.core.logprobs import full_vocabulary_logits
+
+    lora = LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    base = add_lora(load_model(tiny_model_dir), lora, seed=0)
+    base.save_pretrained(tmp_path / "init")
+    ref = run_reference_stage(base, tiny_tokenizer, triaged_set(), settings(), WeightsConfig(gold_size=6), TriageConfig())
+    s = settings(max_steps=3, per_device_batch_size=4)
+
+    def run(folder, full):
+        if full_finetune:
+            model, kw = load_model(tiny_model_dir), {"ref_model": load_model(tiny_model_dir)}
+            model.train()
+        else:
+            model, kw = load_adapter(load_model(tiny_model_dir), tmp_path / "init", trainable=True), {}
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        with full_vocabulary_logits() if full else contextlib.nullcontext():
+            result = train(model, tiny_tokenizer, ref.samples, s, tmp_path / folder, progress=False, **kw)
+        after = [p.detach() for p in model.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the steps moved the weights
+        return after, [(h["loss"], h.get("retain_kl")) for h in result.log_history if "loss" in h]
+
+    chunked, chunked_losses = run("chunked", False)
+    full, full_losses = run("full", True)
+    assert len(full_losses) == 3 and all(kl is not None for _, kl in full_losses)  # RETAIN KL in every step's loss
+    for (a, ka), (b, kb) in zip(chunked_losses, full_losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6) and ka == pytest.approx(kb, rel=1e-4, abs=1e-6)
+    for p, q in zip(chunked, full):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

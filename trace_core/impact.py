@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trace_realign.core.errors import TraceError
-from trace_realign.core.logprobs import forward_logits, response_logps
+from trace_realign.core.logprobs import sequence_logps
 from trace_realign.core.modeling import eval_mode, trainable_parameters
 from trace_realign.core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
 from trace_realign.core.tokenization import Encoder, pad_sequences
@@ -116,11 +116,11 @@ def _length_order(samples: Sequence[Sample]) -> list[int]:
     return sorted(range(len(samples)), key=lambda i: max(len(s.input_ids) for s in samples[i].sequences))
 
 
-def _batch_logps(model, samples: Sequence[Sample], pad_token_id: int):
+def _batch_logps(model, samples: Sequence[Sample], pad_token_id: int, chunked: bool = True):
     sequences, row_sample, row_slot = flatten_sequences(samples)
     device = next(model.parameters()).device
     batch = pad_sequences(sequences, pad_token_id).to(device)
-    logps = response_logps(forward_logits(model, batch), batch)
+    logps = sequence_logps(model, batch, chunked=chunked)
     return gather_pairs(logps, row_sample.to(device), row_slot.to(device), len(samples)), row_sample
 
 
@@ -189,7 +189,7 @@ def gold_gradient(
     rows = _rows(gold, loss_coefficients(gold, beta))
     with eval_mode(model), torch.enable_grad():
         for chunk, batch, coef in _row_batches(gold, rows, 2 * batch_size, pad_token_id, device):
-            logps = response_logps(forward_logits(model, batch), batch)
+            logps = sequence_logps(model, batch)
             grads = torch.autograd.grad((coef * logps).sum(), params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
@@ -216,6 +216,8 @@ class _ScoreHooks:
         self.row_scores: torch.Tensor | None = None
         self.dummy: torch.Tensor | None = None
         self.handles = []
+        self.hooks_head = False  # a trainable LM head is hooked: its module must run on every position
+        head = model.get_output_embeddings()
         embeddings = model.get_input_embeddings()
         # Registered first, so the scoring hook of a trainable embedding sees the sum.
         self.handles.append(embeddings.register_forward_hook(self._add_dummy))
@@ -241,6 +243,7 @@ class _ScoreHooks:
                     "is not supported (supported: Linear, Embedding, LayerNorm, RMSNorm); freeze it or use LoRA"
                 )
             self.handles.append(module.register_forward_hook(hook))
+            self.hooks_head = self.hooks_head or module is head
 
     def remove(self):
         for h in self.handles:
@@ -350,7 +353,7 @@ def impact_scores(
         with eval_mode(model), torch.enable_grad():
             for chunk, batch, coef in _row_batches(samples, rows, 2 * batch_size, pad_token_id, device):
                 hooks.start(len(chunk), device)
-                logps = response_logps(forward_logits(model, batch), batch)
+                logps = sequence_logps(model, batch, chunked=not hooks.hooks_head)
                 torch.autograd.grad((coef * logps).sum(), [hooks.dummy])
                 sample_idx = torch.tensor([r.sample for r in chunk], dtype=torch.long)
                 slot_idx = torch.tensor([r.slot for r in chunk], dtype=torch.long)
@@ -378,7 +381,7 @@ def brute_force_scores(
     out = torch.zeros(len(samples), dtype=torch.float64)
     with eval_mode(model), torch.enable_grad():
         for i, s in enumerate(samples):
-            policy, _ = _batch_logps(model, [s], pad_token_id)
+            policy, _ = _batch_logps(model, [s], pad_token_id, chunked=False)  # full logits, as the authors do
             loss = conflict_losses(_kinds([s], policy.device), policy, policy.detach(), beta, punish_form).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             flat = torch.cat(

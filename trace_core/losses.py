@@ -63,14 +63,22 @@ def punish_loss_npo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     )
 
 
+def token_kl(ref_logits, policy_logits):
+    """``KL(p_ref || p_theta)`` of each next-token distribution: logits [..., V] -> [...] (float32, nats).
+
+    The RETAIN term of arXiv 2511.02623 (the KL to the frozen reference on RETAIN responses).
+    """
+    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
+    policy_logp = F.log_softmax(policy_logits.float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
+
+
 def retain_kl(ref_logits, policy_logits, mask):
     """RETAIN: per sample, the mean over masked tokens of ``KL(p_ref || p_theta)`` over the vocabulary.
 
     ``ref_logits`` and ``policy_logits`` are [B, T, V]; ``mask`` is [B, T] (1 on the response
     tokens whose next-token distributions are compared). A sample with no masked token gives 0.
     """
-    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
-    policy_logp = F.log_softmax(policy_logits.float(), dim=-1)
-    per_token = (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
+    per_token = token_kl(ref_logits, policy_logits)
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)

@@ -35,8 +35,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from trace_realign.core.config import TrainerConfig, TrainingConfig
 from trace_realign.core.distributed import Launch, RankJob, rank_device, run_job
 from trace_realign.core.errors import TraceError
-from trace_realign.core.logprobs import forward_logits, response_logps
-from trace_realign.core.losses import retain_kl
+from trace_realign.core.logprobs import response_tokens
+from trace_realign.core.losses import token_kl
 from trace_realign.core.modeling import frozen_reference, is_peft, load_tokenizer, resolve_device, save_adapter, trainable_model
 from trace_realign.core.objective import PunishForm, Sample, SampleKind, conflict_losses, flatten_sequences, gather_pairs
 from trace_realign.core.tokenization import SequenceBatch, pad_sequences
@@ -136,12 +136,16 @@ class TraceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``(sum_{conflict} w_i L_i + alpha_KL * sum_{retain} KL_i) / S`` over the batch's S samples,
-        whose R sequences (one or two per sample) run in one forward of width T over V tokens."""
+        whose R sequences (one or two per sample) run in one forward of width T.
+
+        The LM head runs only at the M response tokens (:func:`~trace_realign.core.logprobs.response_tokens`);
+        full next-token distributions [M_K, V] are formed only for the RETAIN rows' M_K response tokens.
+        """
         batch = SequenceBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])  # [R, T] each
         kinds, weights = inputs["kinds"], inputs["weights"]  # [S], [S]
         n = kinds.shape[0]
-        logits = forward_logits(model, batch)  # [R, T, V]
-        policy = gather_pairs(response_logps(logits, batch), inputs["row_sample"], inputs["row_slot"], n)  # [S, 2]
+        tokens = response_tokens(model, batch)  # M response tokens of the R rows
+        policy = gather_pairs(tokens.sequence_logps(), inputs["row_sample"], inputs["row_slot"], n)  # [S, 2]
         conflict = conflict_losses(kinds, policy, inputs["ref_logps"], self.beta, self.punish_form, self.robust_epsilon)  # [S], 0 for RETAIN
         total = (weights * conflict).sum()  # []
         retain_rows = (kinds[inputs["row_sample"]] == SampleKind.RETAIN).nonzero().squeeze(-1)  # [K] rows of RETAIN samples
@@ -154,12 +158,17 @@ class TraceTrainer(Trainer):
                 batch.response_mask[retain_rows, :width],  # [K, W]
             )
             with torch.no_grad(), self._reference(model) as ref:
-                ref_logits = forward_logits(ref, sub)  # [K, W, V]
-            kl = retain_kl(ref_logits[:, :-1], logits[retain_rows, : width - 1], sub.response_mask[:, 1:])  # [K]
+                ref_tokens = response_tokens(ref, sub)  # the same M_K tokens, rows 0..K-1, in the same order
+                ref_logits = ref_tokens.logits()  # [M_K, V]
+            policy_logits = tokens.logits(torch.isin(tokens.rows, retain_rows))  # [M_K, V]
+            per_token = token_kl(ref_logits, policy_logits)  # [M_K]
+            rows = ref_tokens.rows  # [M_K] in 0..K-1
+            count = torch.zeros(len(retain_rows), device=per_token.device).index_add(0, rows, torch.ones_like(per_token))
+            kl = torch.zeros(len(retain_rows), device=per_token.device).index_add(0, rows, per_token) / count.clamp(min=1.0)  # [K]
             total = total + self.alpha_kl * kl.sum()  # []
         self._record(kinds, policy.detach(), inputs["ref_logps"], conflict.detach(), kl)
         loss = total / n  # []
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"policy_logps": policy}) if return_outputs else loss
 
     def _record(self, kinds, policy, ref, conflict, kl):
         r = policy - ref  # [S, 2]: log-ratios r(y) of each sample's sequences

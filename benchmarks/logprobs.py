@@ -1,0 +1,214 @@
+"""Benchmark: log-probs at response tokens only (chunked) against full-vocabulary logits, on the demo's shapes.
+
+Two stages, each run once per path in its own child process (so each peak resident memory is that
+run's own), alternating the paths for ``--repeats`` rounds and keeping each path's best time:
+
+- ``reference``: what the reference stage computes (arXiv 2511.02623, stage 3): the gold-batch
+  gradient g_F (``--gold`` pairs) and the exact impact scores with the reference log-probs of
+  ``--pairs`` conflict pairs, batches of ``--batch-size`` pairs (the demo: 64 gold pairs, 8 pairs a batch).
+- ``train``: TRACE training steps on a mixed batch (INVERT, PUNISH and RETAIN thirds: the RETAIN
+  KL takes full distributions on RETAIN response tokens), the demo's 4 samples a device batch and
+  2 accumulation steps; ``--warmup`` optimizer steps are not timed.
+
+The ``full`` path is the previous implementation (``[N, T, V]`` logits of every position and a
+log-softmax over them; ``trace_realign.core.logprobs.full_vocabulary_logits``), the ``chunked`` path
+the default. Memory is the peak resident set during the stage (``VmHWM``, reset just before it)
+minus the resident set before it: what the stage adds over the loaded model; the absolute peaks are
+printed too. The outputs of both paths are compared: impact scores and reference log-probs, and
+the trained adapter.
+
+Targets (issue 14): reference stage at least 1.3x faster, training step at least 1.2x faster, each
+stage's peak memory at most 0.6x, outputs equal to 1e-5 relative. The last lines are
+``reference_speedup``, ``train_speedup``, ``reference_memory_ratio``, ``train_memory_ratio``,
+``reference_scores_max_rel_diff`` and ``train_adapter_max_rel_diff``.
+
+    .venv/bin/python benchmarks/logprobs.py [--model smollm2-135m-instruct|tiny-random|PATH] [--pairs 32]
+        [--gold 16] [--batch-size 8] [--max-length 192] [--steps 4] [--warmup 1] [--repeats 2]
+
+The smallest run (a check of this script): ``--model tiny-random --pairs 4 --gold 2 --steps 1 --repeats 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import choose_model, offline_environment, pair_samples, print_metric, run_checked, synthetic_pairs
+from train_meter import rss_mb
+
+offline_environment()  # before anything imports huggingface_hub / transformers
+
+BETA = 0.3
+PATHS = ("full", "chunked")
+
+
+def reset_peak() -> None:
+    """Reset this process's peak resident set (Linux: ``VmHWM``) to its current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mb() -> float:
+    """This process's peak resident set (``VmHWM``) in MiB since the last :func:`reset_peak`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def child(spec_path: Path) -> None:
+    import contextlib
+
+    import torch
+
+    from trace_realign.core.config import LoraConfig, TrainingConfig
+    from trace_realign.core.impact import gold_gradient, impact_scores, reference_logps
+    from trace_realign.core.logprobs import full_vocabulary_logits
+    from trace_realign.core.modeling import add_lora, load_model, load_tokenizer
+    from trace_realign.core.objective import Sample, SampleKind
+    from trace_realign.core.tokenization import Encoder
+    from trace_realign.core.training import train
+
+    import trace_realign.core.logprobs as logprobs
+
+    full_calls = [0]  # forwards that took the full-vocabulary path: the switch must be what decides
+    full_tokens = logprobs._full_tokens
+
+    def counted(model, batch):
+        full_calls[0] += 1
+        return full_tokens(model, batch)
+
+    logprobs._full_tokens = counted
+    spec = json.loads(spec_path.read_text())
+    out = spec_path.parent
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(spec["model"])
+    model = add_lora(load_model(spec["model"]), LoraConfig(dropout=0.0), seed=0)
+    encoder = Encoder(tokenizer, max_length=spec["max_length"])
+    pad = tokenizer.pad_token_id
+    switch = full_vocabulary_logits() if spec["path"] == "full" else contextlib.nullcontext()
+    result: dict = {}
+    if spec["stage"] == "reference":
+        samples = pair_samples(encoder, synthetic_pairs(tokenizer, spec["pairs"], spec["max_length"], seed=1), [SampleKind.PREFER, SampleKind.PUNISH], "b")
+        gold = pair_samples(encoder, synthetic_pairs(tokenizer, spec["gold"], spec["max_length"], seed=2), [SampleKind.PREFER], "g")
+        before = rss_mb()
+        reset_peak()
+        start = time.perf_counter()
+        with switch:
+            g_f = gold_gradient(model, gold, BETA, pad, spec["batch_size"])
+            scored = impact_scores(model, samples, g_f, BETA, pad, batch_size=spec["batch_size"])
+        result["seconds"] = time.perf_counter() - start
+        torch.save({"scores": scored.scores, "ref_logps": scored.ref_logps}, out / "outputs.pt")
+    else:
+        pairs = synthetic_pairs(tokenizer, spec["pairs"], spec["max_length"], seed=3)
+        two = pair_samples(encoder, pairs, [SampleKind.PREFER, SampleKind.PUNISH, SampleKind.PREFER], "t")
+        samples = [  # thirds: INVERT (PREFER), PUNISH, RETAIN (the chosen response alone)
+            s if i % 3 != 2 else Sample(s.pair_id, SampleKind.RETAIN, s.sequences[:1]) for i, s in enumerate(two)
+        ]
+        ref = reference_logps(model, samples, pad)  # the same inputs for both paths: computed before, the same way
+        n_conflict = sum(s.kind != SampleKind.RETAIN for s in samples)
+        samples = [
+            Sample(s.pair_id, s.kind, s.sequences, 0.0 if s.kind == SampleKind.RETAIN else 1.0 / n_conflict, tuple(ref[i].tolist()))
+            for i, s in enumerate(samples)
+        ]
+        steps = spec["warmup"] + spec["steps"]
+        settings = TrainingConfig(
+            beta=BETA, alpha_kl=1.0, max_length=spec["max_length"], learning_rate=5e-4, lr_scheduler="constant", warmup_steps=0,
+            max_steps=steps, per_device_batch_size=4, gradient_accumulation_steps=2, logging_steps=steps, save_steps=0,
+        )  # fmt: skip
+        times: list[float] = []
+        from train_meter import step_timer_callback
+
+        before = rss_mb()
+        reset_peak()
+        with switch, tempfile.TemporaryDirectory(prefix="logprobs-train-") as tmp:
+            train(model, tokenizer, samples, settings, tmp, seed=0, progress=False, callbacks=[step_timer_callback(times)])
+        result["seconds"] = times[-1] - times[spec["warmup"]]  # times[0]: train begin; times[k]: end of step k
+        result["timed_steps"] = spec["steps"]
+        torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, out / "outputs.pt")
+    result["peak_mb"] = peak_mb()
+    result["full_calls"] = full_calls[0]
+    result["before_mb"] = before
+    result["stage_mb"] = result["peak_mb"] - before
+    (out / "result.json").write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def run(stage: str, path: str, base: dict, keep: Path) -> dict:
+    folder = keep / f"{stage}-{path}"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "spec.json"
+    spec.write_text(json.dumps({**base, "stage": stage, "path": path}))
+    run_checked([sys.executable, __file__, "--child", str(spec)], f"{stage} ({path})")
+    result = json.loads((folder / "result.json").read_text())
+    if (result["full_calls"] > 0) != (path == "full"):
+        raise SystemExit(f"{stage} ({path}): {result['full_calls']} forwards took the full-vocabulary path")
+    print(f"  {stage:<9} {path:<8} {result['seconds']:7.2f} s, adds {result['stage_mb']:7.0f} MiB (peak RSS {result['peak_mb']:6.0f} MiB)", flush=True)
+    return result
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    import torch
+
+    worst = 0.0
+    for key in a:
+        x, y = a[key].double(), b[key].double()
+        scale = y.abs().max().clamp(min=1e-12)
+        worst = max(worst, ((x - y).abs().max() / scale).item())
+    return worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help="smollm2-135m-instruct, tiny-random or a folder")
+    ap.add_argument("--pairs", type=int, default=32, help="conflict pairs scored; pairs split into training samples")
+    ap.add_argument("--gold", type=int, default=16, help="gold-batch pairs behind g_F")
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per reference batch")
+    ap.add_argument("--max-length", type=int, default=192)
+    ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=1, help="optimizer steps before the timed ones")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    import torch
+
+    name, model = choose_model(args.model)
+    base = {"model": str(model), "pairs": args.pairs, "gold": args.gold, "batch_size": args.batch_size,
+            "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+    print(f"model={name} threads={torch.get_num_threads()} pairs={args.pairs} gold={args.gold} max_length={args.max_length}")
+    best: dict = {}
+    with tempfile.TemporaryDirectory(prefix="logprobs-bench-") as tmp:
+        for r in range(args.repeats):
+            print(f"round {r + 1}/{args.repeats}")
+            for stage in ("reference", "train"):
+                for path in PATHS if r % 2 == 0 else PATHS[::-1]:
+                    result = run(stage, path, base, Path(tmp) / f"r{r}")
+                    if (stage, path) not in best or result["seconds"] < best[stage, path]["seconds"]:
+                        best[stage, path] = result
+                    best[stage, path].setdefault("outputs", Path(tmp) / f"r{r}" / f"{stage}-{path}" / "outputs.pt")
+        diffs = {stage: max_rel_diff(torch.load(best[stage, "chunked"]["outputs"]), torch.load(best[stage, "full"]["outputs"])) for stage in ("reference", "train")}
+    for stage in ("reference", "train"):
+        f, c = best[stage, "full"], best[stage, "chunked"]
+        print(f"{stage}: full {f['seconds']:.2f} s / {f['stage_mb']:.0f} MiB, chunked {c['seconds']:.2f} s / {c['stage_mb']:.0f} MiB "
+              f"(absolute peaks {f['peak_mb']:.0f} vs {c['peak_mb']:.0f} MiB)")  # fmt: skip
+    print_metric("reference_speedup", best["reference", "full"]["seconds"] / best["reference", "chunked"]["seconds"])
+    print_metric("train_speedup", best["train", "full"]["seconds"] / best["train", "chunked"]["seconds"])
+    print_metric("reference_memory_ratio", best["reference", "chunked"]["stage_mb"] / best["reference", "full"]["stage_mb"])
+    print_metric("train_memory_ratio", best["train", "chunked"]["stage_mb"] / best["train", "full"]["stage_mb"])
+    print_metric("reference_scores_max_rel_diff", diffs["reference"], ".2e")
+    print_metric("train_adapter_max_rel_diff", diffs["train"], ".2e")
+
+
+if __name__ == "__main__":
+    main()
