@@ -8,6 +8,7 @@
     trace-realign watch --config F [--interval S] [--cron EXPR] [--server URL] [--pool NAME]
     trace-realign deploy --config F --pool NAME [--pool-type TYPE] [--server URL]
     trace-realign run --config F --pool NAME [--server URL] [--wait]
+    trace-realign server start|stop|status [--port N]
 
 Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -33,13 +34,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    try:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    else:  # read when a stage first imports it: a run answered from the cache never loads transformers
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     class _NoTraceback(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
@@ -93,6 +95,12 @@ def _in_workdir(args, command: str, run_flow) -> int:
     # The lock comes first: Prefect's local server keeps its database in the working folder.
     with workdir_lock(cfg.run.workdir, f"trace-realign {command} {cfg.run.name!r}"):
         os.environ.update(prefect_environment(cfg.run.workdir, args.verbose))
+        if not os.environ.get("PREFECT_API_URL"):
+            from trace_realign.flows.server import running_user_server
+
+            url = running_user_server()  # `trace-realign server start` left one running: no temporary server
+            if url:
+                os.environ["PREFECT_API_URL"] = url
         if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
             print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", flush=True)
         _quiet_libraries()
@@ -321,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--server", default=None, metavar="URL", help="Prefect API URL of the server holding the pool; default: PREFECT_API_URL")
     dep.add_argument("--until", default="evaluate", choices=STAGES, help="the stage the deployment's runs stop after")
     dep.set_defaults(func=lambda a: __import__("trace_realign.flows.deploy", fromlist=["cmd_deploy"]).cmd_deploy(a))
+    srv = sub.add_parser("server", help="start, stop or check a Prefect server that run and compare use instead of a temporary one")
+    srv.add_argument("action", choices=("start", "stop", "status"))
+    srv.add_argument("--port", type=int, default=None, help="the port on 127.0.0.1 (default: a free one)")
+    srv.set_defaults(func=lambda a: __import__("trace_realign.flows.server", fromlist=["cmd_server"]).cmd_server(a))
     gc = sub.add_parser("gc", help="delete what the last runs do not need (dry run unless --yes)")
     gc.add_argument("--workdir", default=".trace")
     gc.add_argument("--keep", type=int, default=3, help="keep the last N runs and everything they reference")

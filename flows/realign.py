@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata as md
+import os
 import subprocess
 import tempfile
 import time
@@ -34,7 +35,6 @@ from trace_realign.flows.config import PipelineConfig
 from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import TraceError
 from trace_realign.core.oracle import check_unknown_share, verdict_triples
-from trace_realign.core.objective import SampleKind
 from trace_realign.core.policy import load_policy
 from trace_realign.core.triage import TriageType
 
@@ -252,7 +252,7 @@ def _realign(
                 shard_size=cfg.data.shard_size, policy_path=str(Path(cfg.policy.path).resolve()),
                 policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle", "triage"), run=run,
             )
-            _log_triage_plot(c, pid, triaged)
+            _log_triage_plot(c, pid, triaged, workdir)
         if reaches("reference"):
             ref = run_stage(
                 reference_stage, "reference", fresh_set, stages,
@@ -261,7 +261,7 @@ def _realign(
                 training=cfg.training.reference_view().model_dump(mode="json"), triage=cfg.section("triage"),
                 input_files_sha256=_inputs_for(files, "weights"), policy_sha256=policy.sha256, seed=cfg.run.seed, run=run,
             )
-            _log_weight_plot(c, pid, ref)
+            _log_weight_plot(c, pid, ref, workdir)
         if reaches("train"):
             trained = run_stage(
                 train_stage, "train", fresh_set, stages,
@@ -300,16 +300,31 @@ def _realign(
     return manifest
 
 
-def _log_triage_plot(c, pid, triaged: StageResult) -> None:
+def _cached_plot(workdir: Path, name: str, key: object, render) -> Path:
+    """``<workdir>/cache/plots/<sha12 of key>/<name>``, drawn by ``render(path)`` the first time only:
+    a rerun answered from the stage cache logs the same picture without loading matplotlib again."""
+    folder = Path(workdir, "cache", "plots", text_sha256([name, key])[:12])
+    path = folder / name
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            os.replace(render(Path(tmp) / name), path)  # never a half-written picture under the final name
+    return path
+
+
+def _log_triage_plot(c, pid, triaged: StageResult, workdir: Path) -> None:
     counts = {t.value: triaged.metrics.get(f"triage_{t.value}", 0) for t in TriageType}
-    with tempfile.TemporaryDirectory() as tmp:
-        c.log_artifact(pid, str(plots.bar_chart(counts, "triage", "pairs", Path(tmp) / "triage_counts.png")), "plots")
+    png = _cached_plot(workdir, "triage_counts.png", counts, lambda path: plots.bar_chart(counts, "triage", "pairs", path))
+    c.log_artifact(pid, str(png), "plots")
 
 
-def _log_weight_plot(c, pid, ref: StageResult) -> None:
-    rows = read_parquet(ref.artifacts["weights"]["path"]).to_pylist()
-    weights = [r["weight"] for r in rows if r["kind"] != SampleKind.RETAIN.name.lower()]
-    if weights:
-        with tempfile.TemporaryDirectory() as tmp:
-            png = plots.histogram(weights, "impact weights (conflict samples)", "w_i", Path(tmp) / "impact_weights.png")
-            c.log_artifact(pid, str(png), "plots")
+def _log_weight_plot(c, pid, ref: StageResult, workdir: Path) -> None:
+    table = ref.artifacts["weights"]
+
+    def render(path: Path) -> Path:
+        rows = read_parquet(table["path"]).to_pylist()
+        weights = [r["weight"] for r in rows if r["kind"] != "retain"]  # the weights table's kind column (README's schemas)
+        return plots.histogram(weights, "impact weights (conflict samples)", "w_i", path)
+
+    if any(kind != "retain" for kind in read_parquet(table["path"]).column("kind").to_pylist()):
+        c.log_artifact(pid, str(_cached_plot(workdir, "impact_weights.png", table["sha256"], render)), "plots")

@@ -52,7 +52,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -66,10 +65,23 @@ from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.policy import load_policy
 
 # api_url_of too: callers (and the tests) address the server helpers through this module as well.
-from trace_realign.flows.server import api_url_of, connect, deployment_name, healthy, ui_url_of, use_prefect_settings  # noqa: F401
+from trace_realign.flows.server import (  # noqa: F401
+    SERVER_START_TIMEOUT_S,
+    SERVER_STOP_TIMEOUT_S,
+    api_url_of,
+    connect,
+    deployment_name,
+    free_port,
+    healthy,
+    launch_server,
+    server_environment,
+    server_log_path,
+    stop_process_group,
+    ui_url_of,
+    use_prefect_settings,
+    wait_healthy,
+)
 
-SERVER_START_TIMEOUT_S = 60.0
-SERVER_STOP_TIMEOUT_S = 5.0
 STOP_GRACE_S = 8.0  # how long the serving process may take to stop before it is killed
 BEFORE_STOP_S = 3.0  # how long watch spends noting the realign runs in flight before it stops them
 RUN_SLOTS = 4  # flow runs the serving process runs at once (a local limit: it dies with the process)
@@ -228,79 +240,6 @@ def __getattr__(name: str) -> Any:
 
 
 # --- the Prefect server: start one or connect to one ----------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen, timeout: float = SERVER_STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group led by ``proc``, then SIGKILL what is left after ``timeout``."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        proc.wait()
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    # Whatever outlived SIGTERM (the leader, or a worker process it left behind) goes now.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def server_environment(workdir: str | Path) -> dict[str, str]:
-    """The started server's environment: Prefect home in the working folder, analytics off.
-
-    Its database is ``<workdir>/prefect/server.db``, not the default ``prefect.db``, which the
-    temporary server of a concurrent ``trace-realign run`` in the same folder uses.
-    """
-    from trace_realign.flows.settings import prefect_environment
-
-    env = {**os.environ, **prefect_environment(workdir)}
-    env.pop("PREFECT_API_URL", None)
-    env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{Path(env['PREFECT_HOME']) / 'server.db'}"
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    return env
-
-
-def server_log_path(workdir: str | Path) -> Path:
-    """Where a started server's output goes (its console would drown the watcher's lines)."""
-    return Path(workdir).resolve() / "watch" / "server.log"
-
-
-def launch_server(workdir: str | Path, port: int) -> subprocess.Popen:
-    """Start ``prefect server start`` on 127.0.0.1:``port`` without waiting for it to be healthy."""
-    log_path = server_log_path(workdir)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        # Its own session: a Ctrl-C in the terminal reaches watch only, which then stops the server
-        # (and its worker processes) as one group.
-        return subprocess.Popen(
-            cmd, env=server_environment(workdir), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-
-
-def wait_healthy(
-    proc: subprocess.Popen, api_url: str, log_path: Path, timeout: float = SERVER_START_TIMEOUT_S,
-    stop: Callable[[], bool] = lambda: False,
-) -> None:
-    """Wait until the started server answers ``/health``; one-line TraceError if it dies or times out.
-    Returns early when ``stop()`` says the user asked to stop."""
-    deadline = time.monotonic() + timeout
-    while not healthy(api_url, timeout=1.0) and not stop():
-        if proc.poll() is not None:
-            raise TraceError(f"prefect server exited during start-up (exit {proc.returncode}); see {log_path}")
-        if time.monotonic() > deadline:
-            raise TraceError(f"prefect server not healthy at {api_url} after {timeout:.0f} s; see {log_path}")
-        time.sleep(0.25)
 
 
 # --- the command ---------------------------------------------------------------------------------

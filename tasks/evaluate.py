@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 from prefect import task
 
 from trace_realign.tasks import plots
@@ -26,20 +25,6 @@ from trace_realign.tasks.artifacts import describe, read_parquet, read_triaged, 
 from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import EvaluationConfig, ModelConfig
-from trace_realign.core.evaluation import (
-    ATTACKS_SCHEMA,
-    GENERATIONS_SCHEMA,
-    evaluate_realignment,
-    evaluation_prompts,
-    win_rate,
-    judge_for_generations,
-    load_attack_prompts,
-    load_generation_labels,
-)
-from trace_realign.core.evaluation.benchmarks import plan_benchmarks, run_benchmarks
-from trace_realign.core.evaluation.generation import MAX_PROMPT_LENGTH
-from trace_realign.core.evaluation.vllm_generation import VLLMGenerator
-from trace_realign.core.modeling import load_realigned, load_tokenizer, resolve_device
 from trace_realign.core.oracle import VerdictCache
 from trace_realign.core.errors import DataError
 from trace_realign.core.policy import Policy, load_policy
@@ -49,6 +34,8 @@ from trace_realign.core.triage import TriageType
 def _evaluation_judge(evaluation: dict, oracle: dict, shards: dict, policy: Policy, seed: int):
     """The evaluation's judge (:func:`judge_for_generations`): ``evaluation.judge``, else the oracle,
     else the local judge trained on the training split's verdicts under ``seed``."""
+    from trace_realign.core.evaluation import judge_for_generations
+
     return judge_for_generations(
         evaluation.get("judge") or oracle, policy, lambda: read_triaged(shards),
         seed=seed, where="evaluation.judge" if evaluation.get("judge") else "oracle",
@@ -76,6 +63,22 @@ def evaluate_stage(
     with attack wrappers also ``attacks-<sha8>.parquet`` (:data:`ATTACKS_SCHEMA`).
     ``training`` is the training section (its ``max_length`` bounds the utility proxy's sequences);
     ``input_files_sha256`` holds the hashes of the prompts, labels and judge model files."""
+    # torch, transformers and the evaluation's libraries load only when the stage runs, not when cached.
+    import torch
+
+    from trace_realign.core.evaluation import (
+        ATTACKS_SCHEMA,
+        GENERATIONS_SCHEMA,
+        evaluate_realignment,
+        evaluation_prompts,
+        load_attack_prompts,
+        load_generation_labels,
+    )
+    from trace_realign.core.evaluation.benchmarks import plan_benchmarks, run_benchmarks
+    from trace_realign.core.evaluation.generation import MAX_PROMPT_LENGTH
+    from trace_realign.core.evaluation.vllm_generation import VLLMGenerator
+    from trace_realign.core.modeling import load_realigned, load_tokenizer, resolve_device
+
     ctx = context_of(run)
     evaluation_cfg = EvaluationConfig.model_validate(evaluation)
     model_cfg = ModelConfig.model_validate(model)
@@ -166,6 +169,8 @@ def head_to_head_stage(
     (:func:`~trace_realign.core.evaluation.winrate.win_rate`). Metrics: win_rate, loss_rate,
     tie_rate (percentages, a's view), win_n, win_n_unknown. Raises DataError when the two tables do
     not hold the same prompts in the same order."""
+    from trace_realign.core.evaluation import evaluation_prompts, win_rate
+
     ctx = context_of(run)
     evaluation_cfg = EvaluationConfig.model_validate(evaluation)
     with stage_run(ctx, "head-to-head") as stage:

@@ -20,7 +20,6 @@ from trace_realign.core.oracle import VerdictCache, make_judge
 from trace_realign.core.oracle.cache import correct_punish_pairs
 from trace_realign.core.policy import load_policy
 from trace_realign.core.config import TriageConfig
-from trace_realign.core.evaluation.labels import load_generation_labels
 from trace_realign.core.oracle.verdicts import gold_from_annotations, gold_from_labels, triage_from_verdicts
 from trace_realign.core.triage import TriageType, gold_view, noise_stats, split_holdout, triage_counts, triaged_to_table
 
@@ -56,6 +55,8 @@ def triage_and_partition(
         policy = load_policy(policy_path)
         loaded = table_to_pairs(read_parquet(pairs["path"]))
         if triage_cfg.gold_labels_path:
+            from trace_realign.core.evaluation.labels import load_generation_labels  # loads torch: only when used
+
             labels = load_generation_labels(triage_cfg.gold_labels_path, policy, setting="triage.gold_labels_path")
             gold, gold_source = gold_from_labels(loaded, labels), "file"
         else:

@@ -12,16 +12,6 @@ from trace_realign.tasks.artifacts import describe, folder_sha256, publish_folde
 from trace_realign.tasks.common import Bar, StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, ReferenceTrainingConfig, TriageConfig, WeightsConfig
-from trace_realign.core.modeling import load_tokenizer, resolve_device, save_adapter, trainable_model
-from trace_realign.core.reference import (
-    ScoreRanks,
-    check_gold_labels,
-    gold_table,
-    load_user_gold,
-    run_reference_stage,
-    triage_kinds,
-    weights_table,
-)
 
 
 @task(name="reference", cache_key_fn=stage_cache_key, persist_result=True)
@@ -44,6 +34,18 @@ def reference_stage(
     a policy edit is recomputed under (and recorded with) the new policy, even where the edit
     happened not to change a verdict. ``input_files_sha256`` holds the content hash of
     ``weights.gold_path`` when set, so editing that file recomputes the stage."""
+    # torch and transformers load only when the stage runs, not when it is answered from the cache.
+    from trace_realign.core.modeling import load_tokenizer, resolve_device, save_adapter, trainable_model
+    from trace_realign.core.reference import (
+        ScoreRanks,
+        check_gold_labels,
+        gold_table,
+        load_user_gold,
+        run_reference_stage,
+        triage_kinds,
+        weights_table,
+    )
+
     ctx = context_of(run)
     model_cfg = ModelConfig.model_validate(model)
     weights_cfg = WeightsConfig.model_validate(weights)

@@ -7,15 +7,12 @@ from pathlib import Path
 
 from prefect import task
 
-from trace_realign.tasks import mlflow_model, plots, tracking
+from trace_realign.tasks import plots, tracking
 from trace_realign.tasks.artifacts import describe, read_parquet, read_triaged
 from trace_realign.tasks.common import StageResult, context_of, stage_cache_key, stage_run
 from trace_realign.core.assets import resolve_model
 from trace_realign.core.config import ModelConfig, TrainingConfig, TriageConfig
 from trace_realign.core.data import text_sha256
-from trace_realign.core.modeling import load_tokenizer
-from trace_realign.core.reference import triage_kinds, training_samples
-from trace_realign.core.training import TrainJob, run_training
 
 
 @task(name="train", cache_key_fn=stage_cache_key, persist_result=True)
@@ -36,6 +33,12 @@ def train_stage(
     ``fail_training_at_step`` is the crash test switch (kept out of the cache key). With
     ``training.num_processes`` above 1 the training runs as a subprocess under a launcher
     (:func:`~trace_realign.core.training.run_training`); what it gives back is logged the same way."""
+    # torch, transformers and MLflow's model flavors load only when the stage runs, not when it is cached.
+    from trace_realign.core.modeling import load_tokenizer
+    from trace_realign.core.reference import triage_kinds, training_samples
+    from trace_realign.core.training import TrainJob, run_training
+    from trace_realign.tasks import mlflow_model
+
     ctx = context_of(run)
     model_cfg = ModelConfig.model_validate(model)
     training_cfg = TrainingConfig.model_validate(training)

@@ -144,18 +144,23 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 }
 
 
+def user_home() -> Path:
+    """The project's per-user folder: ``$TRACE_REALIGN_HOME``, else ``$XDG_CACHE_HOME/trace-realign``
+    (``~/.cache/trace-realign``)."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "trace-realign"
+
+
 def default_cache_dir() -> Path:
-    """The model cache: ``$TRACE_REALIGN_HOME/models``, else ``$XDG_CACHE_HOME/trace-realign/models``
-    (``~/.cache/trace-realign/models``).
+    """The model cache: ``<user_home()>/models`` (``~/.cache/trace-realign/models``).
 
     A per-user cache, as Hugging Face's, so every working folder and every installed copy share
     one prepared model instead of converting it again.
     """
-    home = os.environ.get(HOME_ENV)
-    if home:
-        return Path(home).expanduser() / "models"
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "trace-realign" / "models"
+    return user_home() / "models"
 
 
 def _known_names() -> str:
