@@ -155,6 +155,12 @@ class ResponseTokens:
         logps = self.token_logps()
         return logps.new_zeros(self.n_rows).index_add(0, self.rows, logps)
 
+    def row_means(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token ``values`` [M] averaged over each row's tokens, [N] (0 for a row without response)."""
+        total = values.new_zeros(self.n_rows).index_add(0, self.rows, values)
+        count = values.new_zeros(self.n_rows).index_add(0, self.rows, torch.ones_like(values))
+        return total / count.clamp(min=1.0)
+
     def logits(self, select: torch.Tensor | None = None) -> torch.Tensor:
         """Full next-token logits [m, V] (float32) of the selected tokens (a bool mask or indices over M)."""
         if self.full_logits is not None:

@@ -161,10 +161,7 @@ class TraceTrainer(Trainer):
                 ref_tokens = response_tokens(ref, sub)  # the same M_K tokens, rows 0..K-1, in the same order
                 ref_logits = ref_tokens.logits()  # [M_K, V]
             policy_logits = tokens.logits(torch.isin(tokens.rows, retain_rows))  # [M_K, V]
-            per_token = token_kl(ref_logits, policy_logits)  # [M_K]
-            rows = ref_tokens.rows  # [M_K] in 0..K-1
-            count = torch.zeros(len(retain_rows), device=per_token.device).index_add(0, rows, torch.ones_like(per_token))
-            kl = torch.zeros(len(retain_rows), device=per_token.device).index_add(0, rows, per_token) / count.clamp(min=1.0)  # [K]
+            kl = ref_tokens.row_means(token_kl(ref_logits, policy_logits))  # [K]: mean KL over each RETAIN row's tokens
             total = total + self.alpha_kl * kl.sum()  # []
         self._record(kinds, policy.detach(), inputs["ref_logps"], conflict.detach(), kl)
         loss = total / n  # []
