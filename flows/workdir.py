@@ -36,6 +36,9 @@ from trace_realign.core.errors import TraceError
 
 LOCK_NAME = "workdir.lock"
 POLL_SECONDS = 1.0
+# A holder writes its details just after it takes the lock; a process refused in between reads an
+# empty file (a new folder) or the last holder's details (a dead pid). It looks again for this long.
+DETAILS_GRACE_S = 2.0
 
 
 class WorkdirBusy(TraceError):
@@ -58,6 +61,31 @@ def read_holder(workdir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, TypeError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def current_holder(workdir: str | Path, grace_s: float = DETAILS_GRACE_S) -> dict[str, Any]:
+    """The details of the live process holding the lock, read again for up to ``grace_s`` seconds
+    while they are missing or name a process that is gone (the holder has not written them yet);
+    ``{}`` if they never appear."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        holder = read_holder(workdir)
+        elsewhere = holder.get("host") not in (None, socket.gethostname())
+        if holder.get("pid") and (elsewhere or _alive(holder["pid"])):
+            return holder
+        if time.monotonic() >= deadline:
+            return {}
+        time.sleep(0.05)
 
 
 def busy_message(workdir: str | Path, holder: dict[str, Any]) -> str:
@@ -116,7 +144,7 @@ def workdir_lock(
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                message = busy_message(folder, read_holder(folder))
+                message = busy_message(folder, current_holder(folder))
                 if deadline is not None and time.monotonic() >= deadline:
                     raise WorkdirBusy(message) from None
                 if not told and on_wait is not None:

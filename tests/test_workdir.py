@@ -62,6 +62,35 @@ def test_the_lock_is_reentrant_and_waits_when_asked(tmp_path):
     assert waited > 0.5 and len(told) == 1 and told[0].startswith("waiting: another run (pid")
 
 
+@pytest.mark.parametrize("before", ["", '{"pid": 999999999, "started": "2026-01-01T00:00:00+00:00"}'])
+def test_a_holder_that_has_not_written_its_details_yet_is_named_once_it_has(tmp_path, before):
+    """The window between a holder's flock and its details: the file is empty (a new folder) or holds
+    the last holder's details (a process that is gone). The refused process looks again."""
+    (tmp_path / "workdir.lock").write_text(before, encoding="utf-8")
+    code = textwrap.dedent(
+        f"""
+        import fcntl, json, os, time
+        handle = open({str(tmp_path / "workdir.lock")!r}, "a+")
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        print("locked", flush=True)
+        time.sleep(0.5)
+        handle.seek(0); handle.truncate()
+        handle.write(json.dumps({{"pid": os.getpid(), "started": "now", "command": "late writer"}})); handle.flush()
+        time.sleep(60)
+        """
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirBusy) as err:
+            with workdir_lock(tmp_path, "test"):
+                pass
+        assert f"another run (pid {holder.pid}, started now, late writer)" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_run_on_a_busy_workdir_is_one_line_naming_the_other_run(tmp_path):
     cfg = make_config(tmp_path, "http://127.0.0.1:9/v1")
     holder = hold_lock(Path(cfg["run"]["workdir"]))
@@ -92,6 +121,8 @@ def test_two_runs_started_together_on_a_new_workdir(tmp_path):
         assert codes in ([0, 0], [0, 2]), (codes, [e[-500:] for _, e in outs])
         if codes == [0, 2]:
             busy = [e for (_, e), p in zip(outs, procs) if p.returncode == 2][0]
+            # One line, naming the other run by pid even when it was refused in the instant between
+            # the other's taking the lock and writing its details.
             assert [l for l in busy.splitlines() if l.strip()] == [l for l in busy.splitlines() if "another run (pid" in l]
         # 24 pairs, two responses each: no question was asked twice.
         assert server.stats()["requests"] == 48
