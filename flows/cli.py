@@ -1,6 +1,8 @@
 """``trace-realign``: the command-line interface.
 
-    trace-realign run --config F [--set k=v ...] [--until STAGE] [--fresh STAGE]
+    trace-realign run --config F [--set k=v ...] [--until STAGE] [--fresh STAGE] [--approval]
+    trace-realign diff --config F --against OLD_POLICY [--policy NEW_POLICY]
+    trace-realign approve [--workdir DIR] [--reject] [--note TEXT]
     trace-realign compare --config F --methods trace,naive_relabel_dpo [--seeds N] [--noise-rates 0,0.1]
     trace-realign prepare-model NAME
     trace-realign show [--workdir DIR]
@@ -25,6 +27,8 @@ from pathlib import Path
 from trace_realign.flows.settings import SERVER_STARTUP_SETTING, prefect_environment
 
 EXIT_USER_ERROR = 2
+EXIT_GATE_CLOSED = 3
+"""A run rejected at the approval gate, or left without a decision until it expired: nothing trained."""
 
 def _quiet_libraries() -> None:
     """Prefect logs a failed task's traceback and the libraries chat on stderr; the CLI reports
@@ -101,6 +105,11 @@ def _in_workdir(args, command: str, run_flow) -> int:
             url = running_user_server()  # `trace-realign server start` left one running: no temporary server
             if url:
                 os.environ["PREFECT_API_URL"] = url
+        if cfg.approval.required and not os.environ.get("PREFECT_API_URL"):
+            raise TraceError(
+                "approval.required: a paused run waits on a Prefect server a person can reach, and the temporary one "
+                "stops with this command; start one with 'trace-realign server start' (or set PREFECT_API_URL)"
+            )
         if cfg.model.path in KNOWN_MODELS and not is_prepared(cfg.model.path):
             print(f"preparing {cfg.model.path} once: {KNOWN_MODELS[cfg.model.path].description}", flush=True)
         _quiet_libraries()
@@ -125,15 +134,61 @@ def cmd_run(args) -> int:
         return 0
 
     def run_flow(cfg) -> int:
-        from trace_realign.flows.realign import realign
-
-        manifest = realign(
-            cfg.model_dump(mode="json"), until=args.until, fresh=args.fresh, progress=not args.no_progress, rejudge=args.rejudge
-        )
+        manifest = _realign_or_gate(cfg, until=args.until, fresh=args.fresh, progress=not args.no_progress, rejudge=args.rejudge)
+        if manifest is None:
+            return EXIT_GATE_CLOSED
         _print_summary(manifest)
         return 0
 
+    if args.approval:
+        args.set = [*args.set, "approval.required=true"]
     return _in_workdir(args, "run", run_flow)
+
+
+def _realign_or_gate(cfg, **kwargs) -> dict | None:
+    """Run the realign flow; its manifest, or None (after one line on stderr) when the run ended at
+    the approval gate: rejected (a Cancelled state) or without a decision in time (Prefect fails an
+    expired pause). Any other failure raises as the flow raised it."""
+    from trace_realign.flows.realign import realign
+
+    state = realign(cfg.model_dump(mode="json"), return_state=True, **kwargs)
+    if not state.is_completed():
+        last = Path(cfg.run.workdir, "runs", "last.json")
+        try:
+            manifest = json.loads(Path(json.loads(last.read_text(encoding="utf-8"))["manifest"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError):
+            manifest = {}
+        gate = manifest.get("approval") or {}
+        if manifest.get("flow_run_id") == str(state.state_details.flow_run_id) and gate.get("approved") is False:
+            print(f"trace-realign: {gate['state'].lower()}: {gate['message']}", file=sys.stderr)
+            return None
+    return state.result()
+
+
+def cmd_diff(args) -> int:
+    """Judge the pairs under the previous and the new policy (cached verdicts reused) and report the
+    policy diff; nothing is trained."""
+    args.set = [*args.set, f"policy.previous={Path(args.against).resolve()}"]
+    if args.policy:
+        args.set.append(f"policy.path={Path(args.policy).resolve()}")
+
+    def run_flow(cfg) -> int:
+        manifest = _realign_or_gate(cfg.model_copy(update={"approval": cfg.approval.model_copy(update={"required": False})}),
+                                    until="triage", progress=not args.no_progress)
+        report = Path(manifest["policy_diff"])
+        print(report.read_text(encoding="utf-8"))
+        print(f"report: {report}")
+        return 0
+
+    return _in_workdir(args, "diff", run_flow)
+
+
+def cmd_approve(args) -> int:
+    from trace_realign.flows.approval import send_decision
+
+    record = send_decision(args.workdir, approve=not args.reject, note=args.note or "", api_url=args.server)
+    print(f"{'rejected' if args.reject else 'approved'} flow run {record['flow_run_id']} ({record.get('run_name')})")
+    return 0
 
 
 def _noise_rates(text: str | None) -> list[float] | None:
@@ -254,6 +309,14 @@ def cmd_ui(args) -> int:
             stop_process_group(proc)
 
 
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """--set, --preset, --no-progress and --verbose: what every command that runs the flow takes."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAME", help="lay a preset's settings over the config")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trace_realign.flows.stages import STAGES
 
@@ -278,7 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--server", default=None, metavar="URL", help="with --pool: Prefect API URL of the server; default: PREFECT_API_URL")
     run.add_argument("--wait", action="store_true", help="with --pool: wait for the run to finish and print its summary")
     run.add_argument("--wait-timeout", type=float, default=None, metavar="S", help="with --wait: stop waiting after S seconds (the run goes on)")
+    run.add_argument(
+        "--approval", action="store_true",
+        help="pause after triage until a person approves (Prefect UI or trace-realign approve); needs a Prefect server (trace-realign server start)",
+    )
     run.set_defaults(func=cmd_run)
+    diff = sub.add_parser("diff", help="what a policy change does to the pairs (triage matrix, moved pairs, cost), before any training")
+    diff.add_argument("--config", required=True)
+    diff.add_argument("--against", required=True, metavar="OLD_POLICY", help="the policy the pairs and the model were aligned under")
+    diff.add_argument("--policy", default=None, metavar="NEW_POLICY", help="the new policy (default: the config's policy.path)")
+    _run_options(diff)
+    diff.set_defaults(func=cmd_diff)
+    appr = sub.add_parser("approve", help="approve (or --reject) the run waiting at the approval gate in a working folder")
+    appr.add_argument("--workdir", default=".trace")
+    appr.add_argument("--reject", action="store_true", help="end the run, nothing trained")
+    appr.add_argument("--note", default=None, help="why (kept in the run's manifest)")
+    appr.add_argument("--server", default=None, metavar="URL", help="Prefect API URL (default: the one the waiting run uses)")
+    appr.set_defaults(func=cmd_approve)
     comp = sub.add_parser("compare", help="realign with several methods (and seeds) on the same data and compare them in one table")
     comp.add_argument("--config", required=True)
     comp.add_argument("--methods", required=True, help="comma-separated: trace,naive_relabel_dpo,robust_dpo,npo,...")
@@ -291,10 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-rates", default=None, metavar="R1,R2",
         help="also run each method at these oracle-noise rates (triage.noise.rate), e.g. 0,0.1,0.2: the paper's robustness study",
     )
-    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
-    comp.add_argument("--preset", action="append", default=[], metavar="NAME")
-    comp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    comp.add_argument("--verbose", action="store_true", help="show Prefect's and MLflow's logs")
+    _run_options(comp)
     comp.set_defaults(func=cmd_compare)
     prep = sub.add_parser("prepare-model", help="prepare a known model once (smollm2-135m-instruct, smollm2-135m-instruct-old-policy, tiny-random)")
     prep.add_argument("name")
@@ -319,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--until", default="evaluate", choices=STAGES, help="the stage each triggered run stops after")
     watch.add_argument("--pool", default=None, metavar="NAME", help="put the realign deployment on this work pool: its workers run the triggered runs")
     watch.add_argument("--pool-type", default=None, metavar="TYPE", help="the type of the work pool when it is created (default process)")
+    watch.add_argument(
+        "--approval", action="store_true",
+        help="each triggered run shows the policy diff and pauses after triage until approved (Prefect UI or trace-realign approve)",
+    )
     watch.set_defaults(func=lambda a: __import__("trace_realign.flows.watch", fromlist=["cmd_watch"]).cmd_watch(a))
     dep = sub.add_parser("deploy", help="register the realign flow as a deployment on a Prefect work pool (created if missing)")
     dep.add_argument("--config", required=True)

@@ -110,6 +110,7 @@ def _compare(
         }},
     )  # fmt: skip
     base = cfg.model_dump(mode="json")
+    base["approval"] = {**base["approval"], "required": False}  # a comparison's runs never pause
     steps = cfg.training.max_steps if cfg.training.max_steps > 0 else None
     variants: list[dict] = []
     runs: list[dict] = []

@@ -42,6 +42,14 @@ class RunConfig(Section):
     seed: int = 0
 
 
+class ApprovalConfig(Section):
+    """The approval gate: a run stops after triage (and the policy diff) until a person approves."""
+
+    required: bool = Field(False, description="pause after triage until approved in the Prefect UI or with trace-realign approve (run/watch --approval)")
+    timeout_s: float = Field(86400.0, gt=0, description="seconds to wait for a decision; then the run ends, nothing trained")
+    poll_s: float = Field(10.0, gt=0, description="seconds between the paused run's checks for a decision")
+
+
 class MLflowConfig(Section):
     """Where runs are tracked and whether the realigned model is registered."""
 
@@ -64,6 +72,7 @@ class PipelineConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
 
     @field_validator("oracle", mode="before")
     @classmethod

@@ -10,9 +10,17 @@ from trace_realign.core.policy import load_policy
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """The policy parses, the data file exists, the other files the config names exist, the
+    """The policy (and the previous one, if set) parses, the data file exists, the other files the config names exist, the
     labelled generations and gold labels (if any) were labelled under this policy."""
     policy = load_policy(cfg.policy.path)
+    if cfg.policy.previous:
+        if not Path(cfg.policy.previous).is_file():
+            raise ConfigError(f"policy.previous: file not found: {cfg.policy.previous}")
+        previous = load_policy(cfg.policy.previous)
+        if cfg.oracle.backend == "annotations" and not previous.rules:
+            raise ConfigError(
+                f"policy.previous: {cfg.policy.previous} has no 'rules:' in its front matter, and the annotations judge needs them"
+            )
     data = Path(cfg.data.path)
     looks_local = data.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or cfg.data.path.startswith((".", "/", "~"))
     if cfg.data.format != "hf" and looks_local and not data.exists():

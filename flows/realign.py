@@ -18,11 +18,13 @@ from pathlib import Path
 
 from prefect import flow
 
+from trace_realign.flows.approval import GateClosed, await_approval
 from trace_realign.flows.stages import STAGES
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import plots, tracking
 from trace_realign.tasks.artifacts import HashMemo, read_parquet, write_json_at
 from trace_realign.tasks.common import RunContext, StageResult
+from trace_realign.tasks.diff import policy_diff_stage
 from trace_realign.tasks.evaluate import evaluate_stage
 from trace_realign.tasks.judge import judge_shard
 from trace_realign.tasks.load import load_data
@@ -36,6 +38,7 @@ from trace_realign.core.data import text_sha256
 from trace_realign.core.errors import TraceError
 from trace_realign.core.oracle import check_unknown_share, verdict_triples
 from trace_realign.core.policy import load_policy
+from trace_realign.core.policy_diff import render_triage_report
 from trace_realign.core.triage import TriageType
 
 PACKAGES = ("trace-realign", "torch", "transformers", "peft", "accelerate", "datasets", "pyarrow", "prefect", "mlflow", "openai")
@@ -131,7 +134,8 @@ def run_stage(task, stage: str, fresh: set[str], record: dict, recompute_if=_mis
 def realign(
     config: dict, until: str = "evaluate", fresh: list[str] | None = None, progress: bool = True,
     workdir_wait_s: float | None = 0.0, rejudge: bool = False, parent_run_id: str | None = None,
-) -> dict:
+    previous_policy: str | None = None,
+):
     """Realign the model of ``config`` to its new policy; returns the run manifest.
 
     ``fresh`` recomputes those stages and every later one (``judge`` also asks every cached unknown
@@ -143,8 +147,17 @@ def realign(
     ``workdir_wait_s=0`` a folder another run is using fails at once with one line; ``None`` waits
     for it (served runs queue this way). ``parent_run_id`` nests the run's MLflow run under another
     (a comparison's, :mod:`trace_realign.flows.compare`).
+
+    ``previous_policy`` (else ``policy.previous``) names the policy the pairs were aligned under: the
+    pairs are judged under it too and the policy diff is reported after triage
+    (:mod:`trace_realign.tasks.diff`). With ``approval.required`` the run then pauses for a person
+    (:mod:`trace_realign.flows.approval`); a rejection returns a Cancelled state named ``Rejected``
+    (nothing trained) instead of the manifest, and no decision in time leaves the run as Prefect's
+    pause timeout does, Failed ("expired"); the manifest records either under ``approval``.
     """
     cfg = PipelineConfig.model_validate(config)
+    if previous_policy:
+        cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"previous": previous_policy})})
     if until not in STAGES:
         raise TraceError(f"--until: unknown stage '{until}' (stages: {', '.join(STAGES)})")
     fresh_set: set[str] = set()
@@ -154,7 +167,12 @@ def realign(
         fresh_set.update(STAGES[STAGES.index(stage) :])
     workdir = Path(cfg.run.workdir).resolve()
     with workdir_lock(workdir, f"trace-realign run {cfg.run.name!r}", wait_s=workdir_wait_s, on_wait=print):
-        return _realign(cfg, workdir, until, fresh_set, progress, rejudge, parent_run_id)
+        try:
+            return _realign(cfg, workdir, until, fresh_set, progress, rejudge, parent_run_id)
+        except GateClosed as closed:
+            from prefect.states import Cancelled
+
+            return Cancelled(name=closed.state_name, message=str(closed))
 
 
 def _realign(
@@ -162,6 +180,7 @@ def _realign(
 ) -> dict:
     uri = tracking.tracking_uri(workdir, cfg.mlflow.tracking_uri)
     policy = load_policy(cfg.policy.path)
+    previous = load_policy(cfg.policy.previous) if cfg.policy.previous else None
     data = cfg.section("data")
     # Content hashes, remembered per file stamp so unchanged large files are not read again.
     memo = HashMemo(workdir / "cache" / "file_hashes.json")
@@ -198,9 +217,14 @@ def _realign(
     stages: dict[str, dict] = {}
     manifest = {
         "run_id": pid,
+        "flow_run_id": _flow_run_id(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(),
         "config": cfg.model_dump(mode="json"),
         "policy": {"path": str(Path(cfg.policy.path).resolve()), "sha256": policy.sha256, "name": policy.name, "version": policy.version},
+        "previous_policy": (
+            {"path": str(Path(cfg.policy.previous).resolve()), "sha256": previous.sha256, "name": previous.name, "version": previous.version}
+            if previous else None
+        ),
         "data": {"path": data["path"], "sha256": data_sha},
         "model": {"spec": cfg.model.path, "sha256": model_sha},
         "input_files": {k: {"path": str(Path(p).resolve()), "sha256": files[k]} for k, p in input_files(cfg).items()},
@@ -217,28 +241,33 @@ def _realign(
         """Whether the run goes as far as ``stage`` (stages run in :data:`STAGES` order)."""
         return STAGES.index(stage) <= STAGES.index(until)
 
+    def judge_all(label: str, policy_path: str, policy_sha256: str) -> list[dict]:
+        """The verdict shards of every pair under one policy (one cached judge stage per shard)."""
+        return [
+            run_stage(
+                judge_shard, "judge", fresh_set, stages, recompute_if=_unknowns_to_retry,
+                shard=shard, shard_index=i, policy_path=str(Path(policy_path).resolve()),
+                policy_sha256=policy_sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"),
+                run=run, refresh_unknown="judge" in fresh_set, refresh_known=rejudge, label=label,
+            ).artifacts["verdicts"]
+            for i, shard in enumerate(loaded.artifacts["shards"])
+        ]
+
     try:
         loaded = run_stage(load_data, "load", fresh_set, stages, data=data, data_sha256=data_sha, run=run)
         # The data set is the parent run's input too (the load stage's run is an older one when cached).
         tracking.log_dataset(c, pid, "preference_pairs", cfg.data.path, data_sha, loaded.metrics.get("pairs"))
         if reaches("judge"):
             oracle = cfg.section("oracle")
-            verdicts = []
-            for i, shard in enumerate(loaded.artifacts["shards"]):
-                verdicts.append(
-                    run_stage(
-                        judge_shard, "judge", fresh_set, stages, recompute_if=_unknowns_to_retry,
-                        shard=shard, shard_index=i, policy_path=str(Path(cfg.policy.path).resolve()),
-                        policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"),
-                        run=run, refresh_unknown="judge" in fresh_set, refresh_known=rejudge,
-                    ).artifacts["verdicts"]
-                )
+            verdicts = judge_all("judge", cfg.policy.path, policy.sha256)
             # Too many unknown verdicts means a broken judge: stop before training on what is left.
             rows = [row for v in verdicts for row in read_parquet(v["path"]).to_pylist()]
             manifest["unknown_verdicts"] = check_unknown_share(
                 verdict_triples(rows), judge=rows[0]["judge"] if rows else "?",
                 max_share=cfg.oracle.max_unknown_share, setting="oracle",
             )
+            if previous is not None:
+                previous_verdicts = judge_all("judge-previous", cfg.policy.previous, previous.sha256)
             manifest["judge_requests"] = sum(
                 info["metrics"].get("judge_requests", 0)
                 for stage, info in stages.items()
@@ -253,6 +282,33 @@ def _realign(
                 policy_sha256=policy.sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle", "triage"), run=run,
             )
             _log_triage_plot(c, pid, triaged, workdir)
+            report = None
+            if previous is not None:
+                diffed = run_stage(
+                    policy_diff_stage, "triage", fresh_set, stages,
+                    pairs=loaded.artifacts["pairs"], previous_verdicts=previous_verdicts, verdicts=verdicts,
+                    previous_policy_path=str(Path(cfg.policy.previous).resolve()), previous_policy_sha256=previous.sha256,
+                    policy_path=str(Path(cfg.policy.path).resolve()), policy_sha256=policy.sha256,
+                    triage=cfg.section("triage"), training=training,
+                    holdout_fraction=cfg.evaluation.holdout_fraction if cfg.evaluation.enabled else 0.0,
+                    evaluation_prompts=cfg.evaluation.max_prompts if cfg.evaluation.enabled else None, run=run,
+                )
+                report_path = diffed.artifacts["report"]["path"]
+                report = Path(report_path).read_text(encoding="utf-8")
+                c.log_artifact(pid, report_path, "policy_diff")
+                manifest["policy_diff"] = report_path
+            if cfg.approval.required and reaches("reference"):
+                decision = await_approval(
+                    report or render_triage_report(
+                        {t.value: triaged.metrics.get(f"triage_{t.value}", 0) for t in TriageType},
+                        {t.value: triaged.metrics.get(f"train_{t.value}", 0) for t in TriageType},
+                        f"{policy.name or cfg.policy.path} ({policy.sha256[:12]})",
+                    ),
+                    workdir=workdir, run_name=cfg.run.name, mlflow_run_id=pid,
+                    timeout_s=cfg.approval.timeout_s, poll_s=cfg.approval.poll_s,
+                )
+                manifest["approval"] = {"approved": True, "note": decision.note}
+                c.set_tag(pid, "approval", "approved" + (f": {decision.note}" if decision.note else ""))
         if reaches("reference"):
             ref = run_stage(
                 reference_stage, "reference", fresh_set, stages,
@@ -279,8 +335,13 @@ def _realign(
                 seed=cfg.run.seed, run=run,
             )
         status = "FINISHED"
+    except GateClosed as closed:
+        status = "KILLED"
+        manifest["approval"] = {"approved": False, "state": closed.state_name, "message": str(closed)}
+        c.set_tag(pid, "approval", f"{closed.state_name.lower()}: {closed}")
+        raise
     finally:
-        manifest["status"] = status
+        manifest["status"] = manifest.get("approval", {}).get("state", "").upper() or status
         for stage, info in stages.items():
             if info.get("mlflow_run_id"):
                 c.set_tag(pid, f"stage.{stage}.run_id", info["mlflow_run_id"])
@@ -298,6 +359,14 @@ def _realign(
         c.set_terminated(pid, status=status)
         manifest["manifest_path"] = str(path)
     return manifest
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this realign run is (None outside one)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context is not None and context.flow_run is not None else None
 
 
 def _cached_plot(workdir: Path, name: str, key: object, render) -> Path:

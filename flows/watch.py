@@ -132,6 +132,32 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
+def snapshot_path(state_path: Path, sha256: str) -> Path:
+    """Where the watcher keeps the text of a policy version it recorded (the next realign run diffs
+    against it: the edited file no longer holds it)."""
+    return Path(state_path).parent / "policies" / f"{sha256[:16]}.md"
+
+
+def snapshot_policy(state_path: Path, policy_path: str | Path, sha256: str) -> Path | None:
+    """Copy the policy file to :func:`snapshot_path` if its content still hashes to ``sha256``
+    (else it changed since it was hashed: the next tick records the new version); the path or None."""
+    final = snapshot_path(state_path, sha256)
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
+    try:
+        tmp.write_bytes(Path(policy_path).read_bytes())
+        if load_policy(tmp).sha256 != sha256:
+            return None
+        os.replace(tmp, final)
+        return final
+    except (OSError, TraceError):
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def record_baseline(state_path: Path, policy_path: str | Path) -> dict[str, Any]:
     """Record the policy's hash if this folder has none for this policy yet; never starts a run.
 
@@ -146,6 +172,7 @@ def record_baseline(state_path: Path, policy_path: str | Path) -> dict[str, Any]
             return state
         state = {"policy_path": policy_path, "sha256": load_policy(policy_path).sha256, "changes": 0, "recorded": _now()}
         write_state(state_path, state)
+        snapshot_policy(state_path, policy_path, state["sha256"])
         return state
 
 
@@ -181,6 +208,7 @@ def check_policy(state_path: Path, policy_path: str | Path, trigger: Trigger, lo
                 log(f"policy not recorded: {exc}")
                 return {"status": "invalid", "error": str(exc)}
             write_state(state_path, {**baseline, "recorded": _now()})
+            snapshot_policy(state_path, policy_path, baseline["sha256"])
             return {"status": "recorded", "sha256": baseline["sha256"]}
         try:
             if time.time() - Path(policy_path).stat().st_mtime < SETTLE_SECONDS:
@@ -195,6 +223,7 @@ def check_policy(state_path: Path, policy_path: str | Path, trigger: Trigger, lo
         pending = {"key": f"trace-realign-policy-{uuid.uuid4().hex}", "sha256": sha, "previous": previous}
         state = {**state, "sha256": sha, "changes": int(state.get("changes", 0)) + 1, "changed": _now(), "pending": pending}
         write_state(state_path, state)
+        snapshot_policy(state_path, policy_path, sha)
         run_id = trigger(pending["key"], sha)
         write_state(state_path, {**state, "pending": None, "last_run_id": run_id})
         log(f"policy changed {previous[:12]} -> {sha[:12]}: started realign run {run_id}")
@@ -209,10 +238,14 @@ def watch_policy(policy_path: str, state_path: str, deployment: str) -> dict[str
     logger = get_run_logger()
 
     def start_realign(key: str, sha: str) -> str:
+        # The version the change replaced, kept when it was recorded: the run reports the diff against it.
+        previous = (read_state(Path(state_path)).get("pending") or {}).get("previous")
+        snapshot = snapshot_path(Path(state_path), previous) if previous else None
+        parameters = {"previous_policy": str(snapshot)} if snapshot is not None and snapshot.is_file() else {}
         # timeout=0: return once the run is created (the served realign deployment runs it);
         # as_subflow=False: a realign run stands on its own, not as a child of one watcher tick.
         run = run_deployment(
-            name=deployment, timeout=0, idempotency_key=key, as_subflow=False,
+            name=deployment, timeout=0, idempotency_key=key, as_subflow=False, parameters=parameters,
             flow_run_name=f"policy-{sha[:8]}", tags=["policy-change"],
         )
         return str(run.id)
@@ -559,6 +592,8 @@ def cmd_watch(args) -> int:
     from trace_realign.flows.stages import STAGES
     from trace_realign.flows.config import load_config
 
+    if getattr(args, "approval", False):
+        args.set = [*args.set, "approval.required=true"]
     cfg = load_config(args.config, args.set, args.preset)
     if not args.interval > 0:
         raise ConfigError(f"--interval {args.interval:g}: must be a positive number of seconds")

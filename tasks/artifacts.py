@@ -108,15 +108,20 @@ def write_parquet(table: pa.Table, folder: str | Path, stem: str) -> Path:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(data: Any, folder: str | Path, stem: str) -> Path:
-    """Write ``data`` atomically as ``<stem>-<sha8>.json`` in ``folder``."""
+def write_text(text: str, folder: str | Path, stem: str, ext: str) -> Path:
+    """Write ``text`` atomically as ``<stem>-<sha8>.<ext>`` in ``folder``."""
     folder = Path(folder)
-    tmp = _temp(folder, "json")
+    tmp = _temp(folder, ext)
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        return _publish(tmp, folder, stem, "json")
+        tmp.write_text(text, encoding="utf-8")
+        return _publish(tmp, folder, stem, ext)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(data: Any, folder: str | Path, stem: str) -> Path:
+    """Write ``data`` atomically as ``<stem>-<sha8>.json`` in ``folder``."""
+    return write_text(json.dumps(data, indent=2, sort_keys=True, default=str), folder, stem, "json")
 
 
 def write_json_at(data: Any, path: str | Path) -> Path:

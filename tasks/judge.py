@@ -17,7 +17,7 @@ from trace_realign.core.oracle import VerdictCache, judge_items, judge_with_cach
 from trace_realign.core.oracle.verdicts import verdict_table
 from trace_realign.core.policy import load_policy
 
-@task(name="judge", cache_key_fn=stage_cache_key, persist_result=True, task_run_name="judge-{shard_index}")
+@task(name="judge", cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{label}-{shard_index}")
 def judge_shard(
     shard: dict,
     shard_index: int,
@@ -28,14 +28,16 @@ def judge_shard(
     run: dict,
     refresh_unknown: bool = False,
     refresh_known: bool = False,
+    label: str = "judge",
 ) -> StageResult:
     """One shard of pairs -> ``verdicts-<k>-<sha8>.parquet`` (:data:`~trace_realign.core.oracle.verdicts.VERDICT_SCHEMA`).
 
     ``input_files_sha256`` holds the content hashes of the judge's model files (a transformers or
-    vLLM judge folder), so replacing the judge model recomputes the stage."""
+    vLLM judge folder), so replacing the judge model recomputes the stage. ``label`` names the stage
+    run (``<label>-<k>``): ``judge`` under the new policy, ``judge-previous`` under the previous one."""
     ctx = context_of(run)
     oracle_cfg = parse_judge_config(oracle, "oracle")
-    with stage_run(ctx, f"judge-{shard_index:04d}") as stage:
+    with stage_run(ctx, f"{label}-{shard_index:04d}") as stage:
         policy = load_policy(policy_path)
         pairs = table_to_pairs(read_parquet(shard["path"]))
         items = judge_items(pairs)

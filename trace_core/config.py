@@ -64,6 +64,12 @@ class PolicyConfig(Section):
         description="a Markdown policy with optional YAML front matter (name, version, rules for the annotations judge)",
         json_schema_extra=LOCAL_PATH,
     )
+    previous: str | None = Field(
+        None,
+        description="the policy the model and pairs were aligned under: a run also judges the pairs under it and "
+        "reports the policy diff (trace-realign diff --against sets it)",
+        json_schema_extra=LOCAL_PATH,
+    )
 
 
 class OracleNoiseConfig(Section):
