@@ -4,7 +4,7 @@ The flow pauses with Prefect's ``pause_flow_run(wait_for_input=Approval)``: the 
 Paused in the Prefect UI, with the policy diff (or the triage report) as a Markdown artifact and a
 Resume form asking for the decision (:func:`approval_input`). Approving resumes the run at the reference stage;
 rejecting ends it, nothing trained, in a Cancelled state named ``Rejected``; no decision within
-``approval.timeout_s`` ends it the same way, named ``Expired``. ``trace-realign approve`` sends the
+``approval.timeout_s`` fails it, as Prefect fails an expired pause (the manifest says ``EXPIRED``). ``trace-realign approve`` sends the
 decision through Prefect's API (``resume_flow_run`` with the input) without the UI.
 
 While a run waits, ``<workdir>/runs/awaiting-approval.json`` says which flow run it is and on which

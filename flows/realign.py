@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from trace_realign.flows.approval import GateClosed, await_approval
+from trace_realign.flows.approval import GateClosed, Rejected, await_approval
 from trace_realign.flows.stages import STAGES
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import plots, tracking
@@ -152,8 +152,9 @@ def realign(
     pairs are judged under it too and the policy diff is reported after triage
     (:mod:`trace_realign.tasks.diff`). With ``approval.required`` the run then pauses for a person
     (:mod:`trace_realign.flows.approval`); a rejection returns a Cancelled state named ``Rejected``
-    (nothing trained) instead of the manifest, and no decision in time leaves the run as Prefect's
-    pause timeout does, Failed ("expired"); the manifest records either under ``approval``.
+    (nothing trained) instead of the manifest; no decision in time raises
+    :class:`~trace_realign.flows.approval.Expired`, so the run fails, as Prefect fails an expired
+    pause (whichever of the two the server sees first); the manifest records either under ``approval``.
     """
     cfg = PipelineConfig.model_validate(config)
     if previous_policy:
@@ -169,7 +170,7 @@ def realign(
     with workdir_lock(workdir, f"trace-realign run {cfg.run.name!r}", wait_s=workdir_wait_s, on_wait=print):
         try:
             return _realign(cfg, workdir, until, fresh_set, progress, rejudge, parent_run_id)
-        except GateClosed as closed:
+        except Rejected as closed:
             from prefect.states import Cancelled
 
             return Cancelled(name=closed.state_name, message=str(closed))

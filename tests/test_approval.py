@@ -18,7 +18,7 @@ import pytest
 from trace_realign.core.policy import load_policy
 from trace_realign.flows import watch
 from trace_realign.flows.approval import artifact_key, pending_path
-from tests.test_pipeline import CLI_TIMEOUT_S, ROOT, cli
+from tests.test_pipeline import CLI_TIMEOUT_S, NO_SERVER, ROOT, cli
 from tests.test_watch import STOP_BOUND_S, Server, clean_env, running_prefect_server, stop_watch, wait_for
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -116,7 +116,7 @@ def test_run_with_approval_is_rejected_or_expires_with_nothing_trained(tmp_path,
     args = ["run", "--config", str(SMOKE), *sets, "--approval", "--no-progress"]
     # Without a server a person can reach, the gate is refused before anything runs.
     home = tmp_path / "home"
-    no_server = cli(args, tmp_path, env={"HOME": str(home), "TRACE_REALIGN_HOME": str(home)})
+    no_server = cli(args, tmp_path, env={**NO_SERVER, "TRACE_REALIGN_HOME": str(home)})
     assert no_server.returncode == 2 and "trace-realign server start" in no_server.stderr
     assert not (tmp_path / "work" / "artifacts").exists()
     with running_prefect_server(tmp_path) as api_url:
@@ -156,7 +156,8 @@ def test_run_with_approval_is_rejected_or_expires_with_nothing_trained(tmp_path,
         ]
         expired = json.loads(Path(json.loads((tmp_path / "work" / "runs" / "last.json").read_text())["manifest"]).read_text())
         assert expired["status"] == "EXPIRED" and "train" not in expired["stages"]
-        assert flow_run(api_url, expired["flow_run_id"]).state.type.value == "FAILED"  # as Prefect ends an expired pause
+        expired_state = flow_run(api_url, expired["flow_run_id"]).state
+        assert expired_state.type.value == "FAILED", expired_state  # as Prefect ends an expired pause
         # Nothing waits any more: approve says so in one line.
         late = cli(["approve", "--workdir", str(tmp_path / "work")], tmp_path, env=env)
         assert late.returncode == 2 and late.stderr.startswith("trace-realign: error: ") and "no run is waiting" in late.stderr

@@ -173,10 +173,17 @@ CLI_TIMEOUT_S = 240
 for a loaded CI machine, and a hang still fails."""
 
 
+NO_SERVER = {"PREFECT_API_URL": None}
+"""``cli(..., env=NO_SERVER)``: the run starts Prefect's temporary server, as a user's first run does
+(the session's shared server, tests/conftest.py, is not inherited)."""
+
+
 def cli(args, cwd, env=None, timeout=CLI_TIMEOUT_S):
+    """``trace-realign ARGS`` in its own process; ``env`` adds variables (a None value removes one)."""
+    merged = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "trace_realign.flows.cli", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={k: v for k, v in merged.items() if v is not None},
     )
 
 
@@ -225,7 +232,7 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_result(tmp_path, case, needl
         labels.write_text(json.dumps({"prompt": "p", "response": "r", "compliant": True, "policy_sha256": "0" * 64}) + "\n")
         cfg.setdefault("evaluation", {})["labels_path"] = str(labels)
     # A busy machine that starts Prefect's local server too slowly (here: no time allowed at all).
-    env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"} if case == "server_never_answers" else None
+    env = {**NO_SERVER, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "0"} if case == "server_never_answers" else None
     proc = cli(["run", "--config", str(write_config(tmp_path, cfg)), "--until", "triage", "--no-progress"], tmp_path, env)
     assert_one_line_error(proc, needle)
     work = Path(cfg["run"]["workdir"])
@@ -271,9 +278,10 @@ def test_sigkill_during_judging_then_rerun(tmp_path):
 
 
 def test_smoke_config_runs_the_whole_dag_from_the_cli(tmp_path):
-    """configs/smoke.yaml end to end (annotations oracle, embedding judge for the generations)."""
+    """configs/smoke.yaml end to end (annotations oracle, embedding judge for the generations), on
+    Prefect's temporary server as a first run is."""
     work = tmp_path / "smoke"
-    proc = cli(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={work}"], ROOT)
+    proc = cli(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={work}"], ROOT, NO_SERVER)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "judge_accuracy" in proc.stdout and "manifest:" in proc.stdout
     manifest = json.loads(Path(proc.stdout.split("manifest:")[1].split()[0]).read_text())

@@ -34,9 +34,9 @@ def stages_of(workdir: Path) -> dict:
     return json.loads(Path(last["manifest"]).read_text())["stages"]
 
 
-def test_a_started_server_serves_runs_and_a_cached_rerun_loads_no_heavy_library(tmp_path):
+def test_a_started_server_serves_runs_and_a_cached_rerun_loads_no_heavy_library(tmp_path, monkeypatch):
     env = {"TRACE_REALIGN_HOME": str(tmp_path / "home")}
-    os.environ.pop("PREFECT_API_URL", None)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the session's shared server (conftest) is not this one
     start = cli(["server", "start"], tmp_path, env, timeout=SERVER_START_TIMEOUT_S + 30)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
