@@ -242,3 +242,67 @@ def test_confidence_multiplies_impact_scores_before_normalising(tiny_model, tiny
     assert sum(raw) > 0
     assert [s.weight for s in scaled.samples] == pytest.approx([v / sum(raw) for v in raw])
     assert math.isclose(sum(s.weight for s in scaled.samples), 1.0)
+
+
+def test_a_retain_samples_confidence_scales_its_kl_term(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The trainer's loss on a batch of RETAIN samples is alpha_KL * sum_i c_i KL_i / S: with every
+    c_i = 0.5 exactly half of what it is with c_i = 1 (the same perturbed adapter, so KL_i > 0)."""
+    from dataclasses import replace
+
+    import torch
+
+    from tests.test_training import settings, triaged_set
+    from trace_realign.core.modeling import add_lora, load_model
+    from trace_realign.core.objective import SampleKind
+    from trace_realign.core.reference import run_reference_stage
+    from trace_realign.core.training import train
+
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0)
+    base = add_lora(load_model(tiny_model_dir), lora, seed=0)
+    ref = run_reference_stage(base, tiny_tokenizer, triaged_set(), settings(), WeightsConfig(enabled=False), TriageConfig())
+    retain = [s for s in ref.samples if s.kind == SampleKind.RETAIN]
+    assert len(retain) == 4
+
+    def first_loss(c: float, folder: str) -> float:
+        model = add_lora(load_model(tiny_model_dir), lora, seed=0)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        result = train(model, tiny_tokenizer, [replace(s, confidence=c) for s in retain], settings(max_steps=1), tmp_path / folder, progress=False)
+        return next(h["loss"] for h in result.log_history if "loss" in h)
+
+    full, half = first_loss(1.0, "full"), first_loss(0.5, "half")
+    assert full > 0 and half == pytest.approx(full / 2, rel=1e-5)
+
+
+def test_run_and_the_triage_stage_say_when_the_threshold_can_do_nothing(capsys):
+    from trace_realign.flows.preflight import preflight
+    from trace_realign.tasks.partition import low_confidence_metrics
+
+    preflight(load_config("configs/smoke.yaml", ["triage.min_confidence=0.7"]))
+    assert capsys.readouterr().err.startswith("trace-realign: warning: triage.min_confidence: the annotations judge gives no confidences")
+    no_confidences = [(c, None, r, None) for c, _, r, _ in VERDICTS]
+    metrics = low_confidence_metrics(triage_from_verdicts(PAIRS, rows(no_confidences)), 0.7)
+    assert metrics == {"triage_low_confidence": 0, "triage_no_confidence": 15, "triage_low_confidence_unknown": 0}
+    assert "routed nothing: none of the 15 known verdicts carries a confidence" in capsys.readouterr().out
+    low_confidence_metrics(triage_from_verdicts(PAIRS, rows()), 0.7)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_benchmark_runs_its_synthetic_part():
+    """benchmarks/confidence_triage.py with 2 draws and no LLM: it prints every setting's figures (the
+    measured ones are README's, from 200 draws)."""
+    import subprocess
+    import sys
+
+    from tests.test_pipeline import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/confidence_triage.py", "--seeds", "2", "--no-llm"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = dict(line.split("=") for line in proc.stdout.splitlines() if "=" in line and " " not in line)
+    assert float(metrics["demo_informative_off_coverage"]) == 1.0
+    assert {"smoke_uninformative_0.8_fallback_accuracy", "demo_informative_0.9_accuracy"} <= set(metrics)
