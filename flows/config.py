@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from trace_realign.core.config import (
     DataConfig,
@@ -80,6 +80,29 @@ class PipelineConfig(Section):
         if isinstance(value, dict) and value.get("backend") not in BACKENDS:
             raise ValueError(f"oracle.backend must be one of {', '.join(BACKENDS)}")
         return value
+
+    @model_validator(mode="after")
+    def _fallback_has_a_threshold(self):
+        if self.oracle.fallback is not None and self.triage.min_confidence is None:
+            raise ValueError(
+                "oracle.fallback is asked only for verdicts below triage.min_confidence: set triage.min_confidence "
+                "(e.g. 0.8), or remove oracle.fallback"
+            )
+        return self
+
+    def warnings(self) -> list[str]:
+        """Lines about settings that are valid but will do nothing (printed before a run starts):
+        ``triage.min_confidence`` under a judge that never gives a confidence (the annotations judge)."""
+        out = []
+        judges = [self.oracle] + ([self.oracle.fallback] if self.oracle.fallback is not None else [])
+        if self.triage.min_confidence is not None and all(j.backend == "annotations" for j in judges):
+            out.append(
+                "triage.min_confidence: the annotations judge gives no confidences, so no verdict is routed to "
+                "UNKNOWN (the triage stage counts them as triage_no_confidence)"
+            )
+        if self.weights.confidence and all(j.backend == "annotations" for j in judges):
+            out.append("weights.confidence: the annotations judge gives no confidences, so every sample keeps its weight")
+        return out
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain data (for cache keys and MLflow params)."""

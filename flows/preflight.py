@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from trace_realign.flows.config import PipelineConfig
@@ -50,6 +51,8 @@ def preflight(cfg: PipelineConfig) -> None:
 
         plan_benchmarks(cfg.evaluation.lm_eval)
     check_names(cfg)
+    for line in cfg.warnings():
+        print(f"trace-realign: warning: {line}", file=sys.stderr)
 
 
 def check_names(cfg: PipelineConfig) -> None:

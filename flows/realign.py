@@ -249,6 +249,7 @@ def _realign(
                 judge_shard, "judge", fresh_set, stages, recompute_if=_unknowns_to_retry,
                 shard=shard, shard_index=i, policy_path=str(Path(policy_path).resolve()),
                 policy_sha256=policy_sha256, oracle=oracle, input_files_sha256=_inputs_for(files, "oracle"),
+                min_confidence=cfg.triage.min_confidence,
                 run=run, refresh_unknown="judge" in fresh_set, refresh_known=rejudge, label=label,
             ).artifacts["verdicts"]
             for i, shard in enumerate(loaded.artifacts["shards"])

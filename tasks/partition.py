@@ -21,7 +21,9 @@ from trace_realign.core.oracle.cache import correct_punish_pairs
 from trace_realign.core.policy import load_policy
 from trace_realign.core.config import TriageConfig
 from trace_realign.core.oracle.verdicts import gold_from_annotations, gold_from_labels, triage_from_verdicts
-from trace_realign.core.triage import TriageType, gold_view, noise_stats, split_holdout, triage_counts, triaged_to_table
+from trace_realign.core.triage import (
+    TriageType, confidence_stats, gold_view, noise_stats, split_holdout, triage_counts, triaged_to_table,
+)
 
 def _write_shards(triaged, folder, stem, size):
     out = []
@@ -29,6 +31,24 @@ def _write_shards(triaged, folder, stem, size):
         chunk = triaged[start : start + size]
         out.append(describe(write_parquet(triaged_to_table(chunk), folder, f"{stem}-{start // size:04d}"), len(chunk)))
     return out
+
+
+def low_confidence_metrics(unrouted, threshold: float) -> dict[str, int]:
+    """``triage_<k>`` of :func:`~trace_realign.core.triage.confidence_stats` for the pairs triaged
+    without the threshold; prints one warning line when no known verdict carries a confidence, so
+    the threshold routed nothing."""
+    stats = confidence_stats(
+        [(t.chosen_compliant, t.rejected_compliant) for t in unrouted],
+        [(t.chosen_confidence, t.rejected_confidence) for t in unrouted],
+        threshold,
+    )
+    known = sum((t.chosen_compliant is not None) + (t.rejected_compliant is not None) for t in unrouted)
+    if known and stats["no_confidence"] == known:
+        print(
+            f"warning: triage.min_confidence={threshold:g} routed nothing: none of the {known} known verdicts "
+            "carries a confidence (a judge without token log-probs, such as the annotations judge)"
+        )
+    return {f"triage_{k}": v for k, v in stats.items()}
 
 
 @task(name="triage", cache_key_fn=stage_cache_key, persist_result=True)
@@ -46,8 +66,10 @@ def triage_and_partition(
 ) -> StageResult:
     """Triage every pair from its verdicts; ``input_files_sha256`` holds the content hashes of the
     oracle's model files (the judge that writes corrections) and of ``triage.gold_labels_path``, so
-    replacing them recomputes. Logs the noise applied (``noise_*``) and the gold labels' source
-    (param ``gold_source``: file, annotations or none) and triage counts (``gold_<type>``)."""
+    replacing them recomputes. Logs the noise applied (``noise_*``), what ``triage.min_confidence``
+    did (``triage_low_confidence``, ``triage_no_confidence``, ``triage_low_confidence_unknown``:
+    :func:`low_confidence_metrics`) and the gold labels' source (param ``gold_source``: file,
+    annotations or none) and triage counts (``gold_<type>``)."""
     ctx = context_of(run)
     triage_cfg = TriageConfig.model_validate(triage)
     with stage_run(ctx, "triage") as stage:
@@ -62,11 +84,15 @@ def triage_and_partition(
         else:
             gold = gold_from_annotations(loaded, policy)
             gold_source = "annotations" if gold is not None else "none"
-        triaged = triage_from_verdicts(loaded, rows, gold=gold)
+        noise = triage_cfg.noise
+        noisy = (noise.rate, noise.mode, noise.seed) if noise is not None else None
+        triaged = unrouted = triage_from_verdicts(loaded, rows, gold=gold, noise=noisy)
         metrics = {}
-        if (noise := triage_cfg.noise) is not None:
-            clean, triaged = triaged, triage_from_verdicts(loaded, rows, gold=gold, noise=(noise.rate, noise.mode, noise.seed))
-            metrics.update({"noise_rate": noise.rate, **noise_stats(clean, triaged)})
+        if noise is not None:
+            metrics.update({"noise_rate": noise.rate, **noise_stats(triage_from_verdicts(loaded, rows, gold=gold), unrouted)})
+        if (threshold := triage_cfg.min_confidence) is not None:
+            triaged = triage_from_verdicts(loaded, rows, gold=gold, noise=noisy, min_confidence=threshold)
+            metrics.update(low_confidence_metrics(unrouted, threshold))
         if triage_cfg.corrections:
             with make_judge(oracle, where="oracle") as judge, VerdictCache(ctx.folder() / "verdicts.sqlite") as cache:
                 with Bar("corrections", sum(t.type is TriageType.PUNISH for t in triaged), ctx.progress) as bar:

@@ -14,6 +14,10 @@ faults, per (judge question) key:
     [refuse]      answers with message.refusal set (the API's own refusal)
     [malformed]   a 200 whose body is not JSON
 
+Two markers script the verdict itself: ``[p=0.40]`` makes the answer token's probability 0.40
+(the verdict's confidence; servers made with ``honour_p=False`` ignore it and use ``prob``), and
+``[misjudge]`` makes a server made with ``misjudge=True`` give the wrong verdict (a weaker judge).
+
 Other markers shape the answer as real servers and reasoning models do (``SHAPES``): ``[think]``
 answers ``<think>...</think>\n\nNo``, ``[reasoning-field]`` sends ``content: null`` with the answer
 in ``reasoning_content`` (vLLM's reasoning parsers), ``[parts]`` sends content as a list of parts,
@@ -69,6 +73,7 @@ SHAPES: dict[str, Any] = {
     "[bold]": lambda a, o: {"content": [("**", "answer"), (a.upper(), "answer"), ("**", "answer")]},
     "[sentence]": lambda a, o: {"content": [(f"{a}, but {o.lower()}", "answer")]},
 }
+_PROB = re.compile(r"\[p=([0-9.]+)\]")
 _TOKEN = re.compile(r"</?think(?:ing)?>|\s+|\w+|[^\w\s]+")
 
 
@@ -114,6 +119,8 @@ class FakeJudgeServer:
         prob: float = 0.9,
         shape: str | None = None,
         reject_system: str | None = None,
+        honour_p: bool = True,
+        misjudge: bool = False,
     ):
         self.latency = latency
         self.model = model
@@ -125,6 +132,8 @@ class FakeJudgeServer:
         self.prob = prob
         self.shape = shape
         self.reject_system = reject_system
+        self.honour_p = honour_p
+        self.misjudge = misjudge
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()  # requests per judge question (user message)
         self.requests = 0
@@ -242,7 +251,10 @@ class FakeJudgeServer:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
 
-    def completion(self, body: dict[str, Any], content: str, refusal: str | None = None) -> dict[str, Any]:
+    def completion(
+        self, body: dict[str, Any], content: str, refusal: str | None = None, prob: float | None = None
+    ) -> dict[str, Any]:
+        p = self.prob if prob is None else prob
         choice: dict[str, Any] = {
             "index": 0,
             "finish_reason": "stop",
@@ -252,11 +264,11 @@ class FakeJudgeServer:
         if body.get("logprobs") and content in ("Yes", "No"):
             other = "No" if content == "Yes" else "Yes"
             top = [
-                {"token": content, "logprob": math.log(self.prob), "bytes": None},
-                {"token": other, "logprob": math.log(1 - self.prob), "bytes": None},
+                {"token": content, "logprob": math.log(p), "bytes": None},
+                {"token": other, "logprob": math.log(1 - p), "bytes": None},
             ][: body.get("top_logprobs") or 1]
             choice["logprobs"] = {
-                "content": [{"token": content, "logprob": math.log(self.prob), "bytes": None, "top_logprobs": top}],
+                "content": [{"token": content, "logprob": math.log(p), "bytes": None, "top_logprobs": top}],
                 "refusal": None,
             }
         return self._envelope(choice)
@@ -380,14 +392,16 @@ class _Handler(BaseHTTPRequestHandler):
         elif "'Non-compliant'" in user:
             reply = srv.completion(body, "Compliant" if right_answer(user.split("Response:", 1)[-1]) else "Non-compliant")
         else:
-            answer = "No" if right_answer(user.split("Response:", 1)[-1]) else "Yes"
+            response = user.split("Response:", 1)[-1]
+            answer = "No" if right_answer(response) != (srv.misjudge and "[misjudge]" in response) else "Yes"
+            marked = _PROB.search(response) if srv.honour_p else None
             shape = next((m for m in SHAPES if m in user), srv.shape)
             if shape is not None:
                 reply = srv.shaped(body, answer, shape)
             else:
                 if body.get("response_format", {}).get("type") == "json_schema":
                     answer = json.dumps({"answer": answer})
-                reply = srv.completion(body, answer)
+                reply = srv.completion(body, answer, prob=float(marked.group(1)) if marked else None)
         if not self._send(200, reply):
             return -3  # the connection was gone (server crash) before the answer went out
         with srv.lock:

@@ -98,6 +98,13 @@ class TriageConfig(Section):
         "default: the data's annotations under the policy's rules",
         json_schema_extra=INPUT_FILE,
     )
+    min_confidence: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="a verdict whose confidence is below this counts as unknown in triage (or is asked again of "
+        "oracle.fallback when set); a verdict without a confidence (the annotations judge) is never routed; null: off",
+    )
 
 
 class WeightsConfig(Section):
@@ -109,6 +116,11 @@ class WeightsConfig(Section):
         None, description="your own gold pairs (prompt, preferred, dispreferred)", json_schema_extra=INPUT_FILE
     )
     batch_size: int = Field(8, ge=1, description="pairs per scoring batch")
+    confidence: bool = Field(
+        False,
+        description="scale each sample by the confidence of the verdicts that made its type (INVERT, PUNISH: the "
+        "product of both; RETAIN: the chosen's KL term; a verdict without one counts 1), before normalising",
+    )
 
 
 class LoraConfig(Section):
@@ -306,6 +318,14 @@ class EvaluationConfig(Section):
         "'Compliant' or 'Non-compliant', an ambiguous answer non-compliant)",
     )
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig, description="utility on lm-evaluation-harness tasks before and after")
+
+    @field_validator("judge")
+    @classmethod
+    def _no_fallback(cls, value):
+        """Only the oracle has a fallback: the evaluation judge asks one judge per generation."""
+        if value is not None and value.fallback is not None:
+            raise ValueError("fallback is the oracle's setting (oracle.fallback); the evaluation judge has none")
+        return value
 
     @field_validator("generator")
     @classmethod

@@ -26,7 +26,9 @@ def describe_validation_errors(errors, where: str, drop: tuple[str, ...] = ()) -
     for error in errors:
         loc = [str(p) for p in error["loc"] if p not in drop]
         name = ".".join([where, *loc]) if where else ".".join(loc)
-        if error["type"] == "extra_forbidden":
+        if not name:  # a check across sections names its settings itself
+            parts.append(str(error["msg"]).removeprefix("Value error, "))
+        elif error["type"] == "extra_forbidden":
             parts.append(f"unknown setting '{name}' (check its spelling)")
         elif error["type"] == "missing":
             parts.append(f"setting '{name}' is required")

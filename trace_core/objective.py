@@ -40,13 +40,16 @@ class SampleKind(IntEnum):
 
 @dataclass(frozen=True)
 class Sample:
-    """One training (or scoring) sample: its kind, its sequences, and the pair it comes from."""
+    """One training (or scoring) sample: its kind, its sequences, and the pair it comes from.
+    ``confidence`` is the factor ``c_i`` of ``weights.confidence`` (1: none), already folded into a
+    conflict sample's ``weight``; a RETAIN sample's KL term is multiplied by it."""
 
     pair_id: str
     kind: SampleKind
     sequences: tuple[EncodedSequence, ...]
     weight: float = 1.0
     ref_logps: tuple[float, float] = (0.0, 0.0)
+    confidence: float = 1.0
 
     def __post_init__(self):
         expected = 1 if self.kind in (SampleKind.NEGATE, SampleKind.RETAIN) else 2

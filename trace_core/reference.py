@@ -43,11 +43,26 @@ WEIGHTS_SCHEMA = pa.schema(
         ("weight", pa.float64()),
         ("ref_logp_a", pa.float64()),
         ("ref_logp_b", pa.float64()),
+        ("confidence", pa.float64()),
     ]
 )
 """One row per sample: its pair, triage type and :class:`SampleKind` (lower case), the raw impact
 score ``s_i`` (null for RETAIN and without weighting), the weight ``w_i`` (summing to 1 over
-conflict samples, 0 for RETAIN) and the reference log-probs of its first and second sequence (nats)."""
+conflict samples, 0 for RETAIN), the reference log-probs of its first and second sequence (nats)
+and the confidence factor ``c_i`` of ``weights.confidence`` (:func:`confidence_factor`; 1 without
+it), folded into ``w_i`` and multiplying a RETAIN sample's KL term."""
+
+
+def confidence_factor(t: TriagedPair) -> float:
+    """``c_i`` of a sample of pair ``t``: the probability the judge gave the verdicts that made its
+    triage type, a verdict without a confidence counting 1. INVERT and PUNISH: the product of the
+    chosen and rejected verdicts' confidences (both verdicts decide the type); RETAIN: the chosen
+    verdict's (``c_w = 1`` alone decides it); UNKNOWN: 1."""
+    chosen = 1.0 if t.chosen_confidence is None else t.chosen_confidence
+    rejected = 1.0 if t.rejected_confidence is None else t.rejected_confidence
+    if t.type in (TriageType.INVERT, TriageType.PUNISH):
+        return chosen * rejected
+    return chosen if t.type is TriageType.RETAIN else 1.0
 
 
 @dataclass
@@ -233,7 +248,10 @@ def run_reference_stage(
     the gold batch (unless ``user_gold`` is given). ``progress(stage, done, total)`` is called as
     batches finish. Scores are ``s_i = <g_F, grad L_i>`` and weights ``w_i = max(0, s_i) / sum_k
     max(0, s_k)`` over the conflict samples (arXiv 2511.02623, stage 2); without
-    ``weights.enabled`` every conflict sample weighs ``1 / N``.
+    ``weights.enabled`` every conflict sample weighs ``1 / N``. With ``weights.confidence`` (TRACE
+    only, like impact weighting) each sample carries ``c_i`` (:func:`confidence_factor`):
+    ``w_i = c_i max(0, s_i) / sum_k c_k max(0, s_k)``, or ``c_i / sum_k c_k`` without
+    ``weights.enabled``.
 
     With ``training.num_processes`` above 1 the scores and reference log-probs come from that many
     processes (:func:`sharded_conflict_pass`; ``ranks`` says where they find the model, and is
@@ -279,14 +297,20 @@ def run_reference_stage(
         raw, ref = sharded_conflict_pass(ranks, Launch.of(training), gold_batch, conflict, training, weights.batch_size, pad)
     else:
         raw, ref = conflict_pass(model, gold_batch, conflict, training, weights.batch_size, pad, reporter)
+    by_pair = {t.pair.pair_id: t for t in triaged}
+    scaled = weights.confidence and training.method == "trace"
+    factors = [confidence_factor(by_pair[s.pair_id]) if scaled else 1.0 for s in samples]
+    c = torch.tensor([factors[i] for i in conflict_idx], dtype=torch.float64)  # [S_conflict]
     if raw is not None:
-        conflict_weights = impact_weights(raw)
+        conflict_weights = impact_weights(raw * c if scaled else raw)
         scores = {s.pair_id: float(v) for s, v in zip(conflict, raw)}
+    elif scaled and conflict:
+        conflict_weights = c / c.sum()
     else:
         conflict_weights = torch.full((len(conflict),), 1.0 / max(1, len(conflict)), dtype=torch.float64)
-    out = list(samples)
+    out = [replace(s, confidence=f) for s, f in zip(samples, factors)]
     for j, i in enumerate(conflict_idx):
-        out[i] = replace(samples[i], weight=float(conflict_weights[j]), ref_logps=(float(ref[j, 0]), float(ref[j, 1])))
+        out[i] = replace(out[i], weight=float(conflict_weights[j]), ref_logps=(float(ref[j, 0]), float(ref[j, 1])))
     for i, s in enumerate(out):
         if s.kind == SampleKind.RETAIN:
             out[i] = replace(s, weight=0.0)
@@ -295,6 +319,7 @@ def run_reference_stage(
         "retain_samples": len(samples) - len(conflict),
         "gold_size": len(gold),
         "positive_scores": int(sum(1 for v in scores.values() if v > 0)),
+        **({"confidence_factor_mean": sum(factors) / len(factors)} if scaled and factors else {}),
         **encoder.stats.as_dict(),
     }
     return ReferenceOutput(out, scores, gold, stats)
@@ -346,6 +371,7 @@ def weights_table(output: ReferenceOutput, triaged: Sequence[TriagedPair]) -> pa
             "weight": s.weight,
             "ref_logp_a": s.ref_logps[0],
             "ref_logp_b": s.ref_logps[1],
+            "confidence": s.confidence,
         }
         for s in output.samples
     ]
@@ -377,4 +403,7 @@ def training_samples(
                 f"{where}: row {i} is pair {row['pair_id']} ({row['kind']}), not this run's sample {i} "
                 f"(pair {sample.pair_id}, {sample.kind.name.lower()}); rerun with --fresh reference"
             )
-    return [replace(s, weight=r["weight"], ref_logps=(r["ref_logp_a"], r["ref_logp_b"])) for s, r in zip(samples, rows)]
+    return [
+        replace(s, weight=r["weight"], ref_logps=(r["ref_logp_a"], r["ref_logp_b"]), confidence=r.get("confidence", 1.0))
+        for s, r in zip(samples, rows)
+    ]

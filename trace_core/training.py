@@ -86,6 +86,7 @@ class SampleCollator:
             "kinds": torch.tensor([int(s.kind) for s in samples], dtype=torch.long),
             "weights": torch.tensor([s.weight * self.dataset.scale for s in samples], dtype=torch.float32),
             "ref_logps": torch.tensor([list(s.ref_logps) for s in samples], dtype=torch.float32),
+            "confidences": torch.tensor([s.confidence for s in samples], dtype=torch.float32),
         }
 
 
@@ -135,7 +136,8 @@ class TraceTrainer(Trainer):
                 yield unwrapped
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``(sum_{conflict} w_i L_i + alpha_KL * sum_{retain} KL_i) / S`` over the batch's S samples,
+        """``(sum_{conflict} w_i L_i + alpha_KL * sum_{retain} c_i KL_i) / S`` over the batch's S samples
+        (``c_i``: the RETAIN sample's confidence factor, 1 without ``weights.confidence``),
         whose R sequences (one or two per sample) run in one forward of width T.
 
         The LM head runs only at the M response tokens (:func:`~trace_realign.core.logprobs.response_tokens`);
@@ -162,7 +164,8 @@ class TraceTrainer(Trainer):
                 ref_logits = ref_tokens.logits()  # [M_K, V]
             policy_logits = tokens.logits(torch.isin(tokens.rows, retain_rows))  # [M_K, V]
             kl = ref_tokens.row_means(token_kl(ref_logits, policy_logits))  # [K]: mean KL over each RETAIN row's tokens
-            total = total + self.alpha_kl * kl.sum()  # []
+            c = inputs["confidences"][inputs["row_sample"][retain_rows]]  # [K]: c_i of weights.confidence (1: off)
+            total = total + self.alpha_kl * (c * kl).sum()  # []
         self._record(kinds, policy.detach(), inputs["ref_logps"], conflict.detach(), kl)
         loss = total / n  # []
         return (loss, {"policy_logps": policy}) if return_outputs else loss

@@ -7,7 +7,9 @@
 | 1   | any | RETAIN |
 
 A verdict the oracle could not give (None) makes the pair UNKNOWN unless the other verdict
-settles it: ``c_w = 1`` means RETAIN whatever ``c_l`` is.
+settles it: ``c_w = 1`` means RETAIN whatever ``c_l`` is. With a confidence threshold
+(``triage.min_confidence``), a verdict whose confidence is below it counts as not given
+(:func:`route_low_confidence`); a verdict without a confidence is kept as it is.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class TriagedPair:
     ``gold_chosen_compliant`` and ``gold_rejected_compliant`` are the verdicts of a stronger source
     than the oracle (the ``gold_dpo`` method's labels; None where there is none), never touched by
     oracle noise; ``noise`` names the noise applied to this pair's oracle verdicts (``flip``,
-    ``swap``) or is None (:func:`apply_oracle_noise`)."""
+    ``swap``) or is None (:func:`apply_oracle_noise`). ``chosen_confidence`` and
+    ``rejected_confidence`` are the judge's probabilities of its verdicts (None: the judge gave
+    none), kept when :func:`route_low_confidence` made a verdict unknown."""
 
     pair: PreferencePair
     type: TriageType
@@ -78,6 +82,8 @@ class TriagedPair:
     gold_chosen_compliant: bool | None = None
     gold_rejected_compliant: bool | None = None
     noise: str | None = None
+    chosen_confidence: float | None = None
+    rejected_confidence: float | None = None
 
 
 def relabelled(t: TriagedPair) -> tuple[str, str] | None:
@@ -105,19 +111,65 @@ def triage_pairs(
     *,
     gold: Sequence[tuple[bool | None, bool | None]] | None = None,
     noise: Sequence[str | None] | None = None,
+    confidence: Sequence[tuple[float | None, float | None]] | None = None,
 ) -> list[TriagedPair]:
     """Triaged pairs from aligned verdict sequences; ``gold`` holds each pair's gold
-    ``(chosen, rejected)`` verdicts and ``noise`` the noise applied to its oracle verdicts
-    (:class:`TriagedPair`), both None for every pair when not given."""
+    ``(chosen, rejected)`` verdicts, ``noise`` the noise applied to its oracle verdicts and
+    ``confidence`` the ``(chosen, rejected)`` confidences of its verdicts (:class:`TriagedPair`),
+    all None for every pair when not given."""
     types = triage(chosen_compliant, rejected_compliant)
     n = len(pairs)
     corrections = corrections or [None] * n
     gold = gold or [(None, None)] * n
     noise = noise or [None] * n
+    confidence = confidence or [(None, None)] * n
     return [
-        TriagedPair(p, t, c, r, corr, g[0], g[1], nz)
-        for p, t, c, r, corr, g, nz in zip(pairs, types, chosen_compliant, rejected_compliant, corrections, gold, noise)
+        TriagedPair(p, t, c, r, corr, g[0], g[1], nz, conf[0], conf[1])
+        for p, t, c, r, corr, g, nz, conf in zip(
+            pairs, types, chosen_compliant, rejected_compliant, corrections, gold, noise, confidence
+        )
     ]
+
+
+def is_low_confidence(confidence: float | None, min_confidence: float | None) -> bool:
+    """Whether a verdict with ``confidence`` falls below the threshold ``min_confidence``: never
+    without a threshold or without a confidence (a judge that gives none is taken at its word)."""
+    return min_confidence is not None and confidence is not None and confidence < min_confidence
+
+
+def route_low_confidence(
+    compliant: Sequence[bool | None], confidence: Sequence[float | None], min_confidence: float | None
+) -> list[bool | None]:
+    """``compliant`` [N] with every verdict below ``min_confidence`` (:func:`is_low_confidence`)
+    made unknown (None), so :func:`triage_pair` treats it as a verdict the oracle could not give:
+    INVERT and PUNISH pairs with such a verdict, and RETAIN pairs whose ``c_w`` is one, become
+    UNKNOWN; a RETAIN pair whose ``c_l`` alone is low stays RETAIN. Raises ValueError when the
+    sequences differ in length."""
+    if len(compliant) != len(confidence):
+        raise ValueError("route_low_confidence: verdict and confidence sequences differ in length")
+    return [None if is_low_confidence(p, min_confidence) else c for c, p in zip(compliant, confidence)]
+
+
+def confidence_stats(
+    compliant: Sequence[tuple[bool | None, bool | None]],
+    confidence: Sequence[tuple[float | None, float | None]],
+    min_confidence: float | None,
+) -> dict[str, int]:
+    """What a confidence threshold does to N pairs' ``(chosen, rejected)`` verdicts ``compliant``
+    [N] (before routing) with their ``confidence`` [N]: ``low_confidence`` (known verdicts below
+    ``min_confidence``), ``no_confidence`` (known verdicts without a confidence, never routed: when
+    it equals the known verdicts, the threshold did nothing) and ``low_confidence_unknown`` (pairs
+    whose triage type became UNKNOWN by the routing)."""
+    flat = [(c, p) for pair_c, pair_p in zip(compliant, confidence) for c, p in zip(pair_c, pair_p)]
+    before = triage([c for c, _ in compliant], [r for _, r in compliant])
+    chosen = route_low_confidence([c for c, _ in compliant], [p for p, _ in confidence], min_confidence)
+    rejected = route_low_confidence([r for _, r in compliant], [p for _, p in confidence], min_confidence)
+    after = triage(chosen, rejected)
+    return {
+        "low_confidence": sum(c is not None and is_low_confidence(p, min_confidence) for c, p in flat),
+        "no_confidence": sum(c is not None and p is None for c, p in flat),
+        "low_confidence_unknown": sum(b is not TriageType.UNKNOWN and a is TriageType.UNKNOWN for b, a in zip(before, after)),
+    }
 
 
 NoiseMode = Literal["flip", "swap", "mixed"]
@@ -220,10 +272,13 @@ TRIAGE_COLUMNS = [
     ("gold_chosen_compliant", pa.bool_()),
     ("gold_rejected_compliant", pa.bool_()),
     ("noise", pa.string()),
+    ("chosen_confidence", pa.float64()),
+    ("rejected_confidence", pa.float64()),
 ]
 """The columns a triage shard adds to the pair columns (``triage/<type>-<k>-<sha8>.parquet``: the
 four types and ``holdout``): the triage type, the oracle's verdicts as triage used them (after any
-noise), the PUNISH correction, the gold verdicts (null: none) and the noise applied (null: none)."""
+noise, and null where ``triage.min_confidence`` made them unknown), the PUNISH correction, the gold
+verdicts (null: none), the noise applied (null: none) and the verdicts' confidences (null: none)."""
 
 
 def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
@@ -239,6 +294,8 @@ def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
             [t.gold_chosen_compliant for t in triaged],
             [t.gold_rejected_compliant for t in triaged],
             [t.noise for t in triaged],
+            [t.chosen_confidence for t in triaged],
+            [t.rejected_confidence for t in triaged],
         ),
     ):
         table = table.append_column(pa.field(name, typ), pa.array(values, type=typ))
@@ -246,13 +303,15 @@ def triaged_to_table(triaged: list[TriagedPair]) -> pa.Table:
 
 
 def table_to_triaged(table: pa.Table) -> list[TriagedPair]:
-    """The triaged pairs of a triage shard (:func:`triaged_to_table`)."""
+    """The triaged pairs of a triage shard (:func:`triaged_to_table`; a shard written before the
+    confidence columns existed reads with no confidences)."""
     pairs = table_to_pairs(table.select(list(PAIR_COLUMNS)))
-    cols = table.select([n for n, _ in TRIAGE_COLUMNS]).to_pylist()
+    cols = table.select([n for n, _ in TRIAGE_COLUMNS if n in table.column_names]).to_pylist()
     return [
         TriagedPair(
             p, TriageType(c["triage"]), c["chosen_compliant"], c["rejected_compliant"], c["correction"],
             c["gold_chosen_compliant"], c["gold_rejected_compliant"], c["noise"],
+            c.get("chosen_confidence"), c.get("rejected_confidence"),
         )  # fmt: skip
         for p, c in zip(pairs, cols)
     ]

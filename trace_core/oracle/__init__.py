@@ -6,7 +6,8 @@ Public API:
 * :func:`make_judge` -- a judge from a config dict or model (``config``: openai, vllm,
   transformers, annotations).
 * :class:`VerdictCache`, :func:`judge_with_cache`, :func:`correct_with_cache` -- the persistent cache
-  that makes an identical question cost once and lets an interrupted job resume (``cache``).
+  that makes an identical question cost once and lets an interrupted job resume (``cache``);
+  :func:`judge_with_fallback` -- the same with a second judge for low-confidence verdicts.
 * :func:`judge_agreement` -- accuracy, Cohen's kappa and confusion matrix against reference labels;
   :func:`check_unknown_share` -- the stop for a run whose judge left too many verdicts unknown
   (``quality``).
@@ -18,7 +19,7 @@ Public API:
 """
 
 from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict, judge_items
-from trace_realign.core.oracle.cache import VerdictCache, correct_with_cache, judge_with_cache
+from trace_realign.core.oracle.cache import VerdictCache, correct_with_cache, judge_with_cache, judge_with_fallback
 from trace_realign.core.oracle.config import (
     AnnotationsJudgeConfig,
     OpenAIJudgeConfig,
@@ -43,6 +44,7 @@ __all__ = [
     "judge_agreement",
     "judge_items",
     "judge_with_cache",
+    "judge_with_fallback",
     "make_judge",
     "parse_judge_config",
     "verdict_triples",

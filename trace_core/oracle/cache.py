@@ -38,7 +38,7 @@ from trace_realign.core.errors import TraceError
 from trace_realign.core.data import text_sha256
 from trace_realign.core.oracle.base import Judge, JudgeItem, Verdict
 from trace_realign.core.policy import Policy
-from trace_realign.core.triage import TriagedPair, TriageType
+from trace_realign.core.triage import TriagedPair, TriageType, is_low_confidence
 
 T = TypeVar("T")
 Key = tuple[str, str]  # (prompt sha256, response sha256)
@@ -350,6 +350,57 @@ def judge_with_cache(
     # A judge that is not cached answers the same again (the annotations judge): nothing to retry.
     stats.setdefault("unknown_retryable", 0)
     return verdicts, stats
+
+
+def judge_with_fallback(
+    judge: Judge,
+    items: Sequence[JudgeItem],
+    policy: Policy,
+    cache: VerdictCache,
+    *,
+    fallback: Judge | None = None,
+    min_confidence: float | None = None,
+    progress: Progress | None = None,
+    fallback_progress: Progress | None = None,
+    refresh_unknown: bool = False,
+    refresh_known: bool = False,
+) -> tuple[list[Verdict], list[str], dict[str, int]]:
+    """Verdicts for ``items`` from ``judge`` (:func:`judge_with_cache`), where every known verdict
+    whose confidence is below ``min_confidence``
+    (:func:`~trace_realign.core.triage.is_low_confidence`; a verdict without a confidence never is)
+    is replaced by ``fallback``'s verdict on the same item, asked through the same cache under the
+    fallback's identity (so a rerun asks it nothing). The fallback's verdict is final whatever it
+    is: unknown, or itself below the threshold (triage then routes it to UNKNOWN). Unknown verdicts
+    of ``judge`` are not passed on: they are asked of ``judge`` again on later runs.
+
+    Returns (verdicts [N], the identity of the judge that gave each [N], stats): ``judge``'s stats
+    (:func:`judge_with_cache`) with ``unknown`` counted over the final verdicts and
+    ``unknown_retryable`` including the fallback's; with a fallback and a threshold, also
+    ``fallback_asked`` (verdicts passed on), ``fallback_changed`` (of those, verdicts the fallback
+    turned the other way or left unknown), ``fallback_low_confidence`` (fallback verdicts below the
+    threshold too) and the fallback's own ``fallback_hits``, ``fallback_requests``, ``fallback_unknown``.
+    Without either, the first judge's verdicts as they are. ``progress`` counts the first judge's
+    distinct questions, ``fallback_progress`` the fallback's.
+    """
+    options = {"refresh_unknown": refresh_unknown, "refresh_known": refresh_known}
+    verdicts, stats = judge_with_cache(judge, items, policy, cache, progress, **options)
+    judges = [judge.identity] * len(verdicts)
+    if fallback is None or min_confidence is None:
+        return verdicts, judges, stats
+    low = [i for i, v in enumerate(verdicts) if v.known and is_low_confidence(v.confidence, min_confidence)]
+    second, second_stats = judge_with_cache(fallback, [items[i] for i in low], policy, cache, fallback_progress, **options)
+    first = [verdicts[i] for i in low]
+    for i, v in zip(low, second):
+        verdicts[i], judges[i] = v, fallback.identity
+    stats.update({f"fallback_{k}": second_stats[k] for k in ("hits", "requests", "unknown")})
+    stats.update(
+        fallback_asked=len(low),
+        fallback_changed=sum(a.compliant != b.compliant for a, b in zip(first, second)),
+        fallback_low_confidence=sum(is_low_confidence(v.confidence, min_confidence) for v in second),
+        unknown=sum(v.compliant is None for v in verdicts),
+        unknown_retryable=stats["unknown_retryable"] + second_stats["unknown_retryable"],
+    )
+    return verdicts, judges, stats
 
 
 def correct_with_cache(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from trace_realign.core.errors import ConfigError, describe_validation_errors
 from trace_realign.core.oracle.base import (
@@ -41,6 +41,25 @@ class _Judge(_Strict):
         le=1.0,
         description="a run stops when more than this share of verdicts is unknown (0.05 = 5%); 1 disables the check",
     )
+    fallback: JudgeConfig | None = Field(
+        None,
+        description="a second judge asked for every verdict whose confidence is below triage.min_confidence "
+        "(the oracle's only; its verdicts are cached under its own identity and replace the first judge's)",
+    )
+
+    @field_validator("fallback")
+    @classmethod
+    def _one_fallback(cls, value: Any) -> Any:
+        """A fallback judge has no fallback of its own: one second opinion, not a chain."""
+        if value is not None and value.fallback is not None:
+            raise ValueError("a fallback judge has no fallback of its own")
+        return value
+
+    @model_validator(mode="after")
+    def _fallback_differs(self):
+        if self.fallback is not None and self.fallback.model_dump(exclude={"fallback"}) == self.model_dump(exclude={"fallback"}):
+            raise ValueError("fallback: the same judge as the one it backs up (it would repeat its verdicts); name another model or settings")
+        return self
 
 
 class _Templates(_Judge):
@@ -145,6 +164,8 @@ JudgeConfig = Annotated[
     Union[OpenAIJudgeConfig, TransformersJudgeConfig, VLLMJudgeConfig, AnnotationsJudgeConfig],
     Field(discriminator="backend"),
 ]
+for _model in (_Judge, _Templates, OpenAIJudgeConfig, TransformersJudgeConfig, VLLMJudgeConfig, AnnotationsJudgeConfig):
+    _model.model_rebuild()  # ``fallback`` names JudgeConfig, defined after the models
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(JudgeConfig)
 BACKENDS = ("openai", "vllm", "transformers", "annotations")
 
