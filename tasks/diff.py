@@ -48,7 +48,7 @@ def policy_diff_stage(
         old_rows = [row for v in previous_verdicts for row in read_parquet(v["path"]).to_pylist()]
         new_rows = [row for v in verdicts for row in read_parquet(v["path"]).to_pylist()]
         old_policy, new_policy = load_policy(previous_policy_path), load_policy(policy_path)
-        diff = diff_triage(loaded, old_rows, new_rows)
+        diff = diff_triage(loaded, old_rows, new_rows, triage_cfg.min_confidence)
         rows, numbers = realignment_cost(
             diff, holdout_fraction=holdout_fraction, method=training_cfg.method, use_kl=training_cfg.use_kl,
             per_device_batch_size=training_cfg.per_device_batch_size,

@@ -100,6 +100,12 @@ def test_a_constructed_sibling_loser_side_unknown_and_bare_labels():
     missing = diff_triage(pairs[:1], old[:1], [])
     assert missing.moved[0].new == "unknown" and missing.moved[0].decided_by == "no verdict (the pair was not judged)"
     report = render_markdown(diff, old_policy="a", new_policy="b", judge="j")
+    # Under triage.min_confidence a confident old verdict and an unsure new one: the threshold decides.
+    sure, unsure = dict(old[1], chosen_confidence=0.9), dict(row(pairs[1], True, False), chosen_confidence=0.55)
+    routed = diff_triage(pairs[1:2], [sure], [unsure], min_confidence=0.6)
+    assert (routed.moved[0].old, routed.moved[0].new) == ("retain", "unknown")
+    assert routed.moved[0].decided_by == "unknown: confidence below triage.min_confidence 0.6"
+    assert diff_triage(pairs[1:2], [sure], [unsure]).moved == []  # without the threshold nothing moves
     assert "| **punish** | 1 | 0 | 0 | 0 | 1 |" in report and "old loser: compliant: no rule violated" in report
 
 

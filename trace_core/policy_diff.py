@@ -78,11 +78,15 @@ class PolicyDiff:
         return sorted(by.items(), key=lambda kv: (-len(kv[1]), TYPES.index(kv[0][0]), TYPES.index(kv[0][1]), kv[0][2]))
 
 
-def decided_by(row: Mapping[str, Any] | None, side: str) -> str:
+def decided_by(row: Mapping[str, Any] | None, side: str, min_confidence: float | None = None) -> str:
     """The rule or reason in one verdict-table row's ``<side>`` verdict: the reason of an unknown
-    verdict, the raw answer when it says more than a bare label, else :data:`NO_RULE`."""
+    verdict (a confidence below ``min_confidence`` included), the raw answer when it says more than
+    a bare label, else :data:`NO_RULE`."""
     if not row:
         return "no verdict (the pair was not judged)"
+    confidence = row.get(f"{side}_confidence")
+    if min_confidence is not None and row.get(f"{side}_compliant") is not None and confidence is not None and confidence < min_confidence:
+        return f"unknown: confidence below triage.min_confidence {min_confidence:g}"
     if row.get(f"{side}_compliant") is None:
         return f"unknown: {row.get(f'{side}_reason') or 'no reason given'}"
     raw = " ".join(str(row.get(f"{side}_raw") or "").split())
@@ -90,18 +94,23 @@ def decided_by(row: Mapping[str, Any] | None, side: str) -> str:
 
 
 def diff_triage(
-    pairs: Sequence[PreferencePair], old_rows: Iterable[Mapping[str, Any]], new_rows: Iterable[Mapping[str, Any]]
+    pairs: Sequence[PreferencePair],
+    old_rows: Iterable[Mapping[str, Any]],
+    new_rows: Iterable[Mapping[str, Any]],
+    min_confidence: float | None = None,
 ) -> PolicyDiff:
     """Triage ``pairs`` [N] from their verdict rows under the old and the new policy (joined by
-    ``pair_id``; a pair without a row is UNKNOWN) and compare.
+    ``pair_id``; a pair without a row is UNKNOWN) and compare; ``min_confidence``
+    (``triage.min_confidence``) routes low-confidence verdicts to unknown under both, as the triage
+    stage does.
 
     The deciding side of a moved pair is the old winner when its verdict changed, else the old
     loser (a pair can also move with unchanged verdicts only from or to UNKNOWN through the other
     side; the old winner is named then)."""
     old_by = {r["pair_id"]: r for r in old_rows}
     new_by = {r["pair_id"]: r for r in new_rows}
-    old_t = triage_from_verdicts(pairs, old_by.values())
-    new_t = triage_from_verdicts(pairs, new_by.values())
+    old_t = triage_from_verdicts(pairs, old_by.values(), min_confidence=min_confidence)
+    new_t = triage_from_verdicts(pairs, new_by.values(), min_confidence=min_confidence)
     matrix = {o: {n: 0 for n in TYPES} for o in TYPES}
     moved = []
     for p, o, n in zip(pairs, old_t, new_t):
@@ -111,7 +120,7 @@ def diff_triage(
         side = "rejected" if o.chosen_compliant == n.chosen_compliant and o.rejected_compliant != n.rejected_compliant else "chosen"
         moved.append(
             MovedPair(
-                p, o.type.value, n.type.value, side, decided_by(new_by.get(p.pair_id), side),
+                p, o.type.value, n.type.value, side, decided_by(new_by.get(p.pair_id), side, min_confidence),
                 (o.chosen_compliant, o.rejected_compliant), (n.chosen_compliant, n.rejected_compliant),
             )
         )
