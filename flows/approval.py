@@ -62,10 +62,11 @@ def pending_path(workdir: str | Path) -> Path:
     return Path(workdir, "runs", "awaiting-approval.json")
 
 
-def artifact_key(run_name: str) -> str:
-    """The Prefect artifact key of a run's approval report (lowercase letters, digits, dashes)."""
+def artifact_key(run_name: str, kind: str = "approval") -> str:
+    """The Prefect artifact key of a run's ``kind`` report (``approval``, ``policy-diff``):
+    lowercase letters, digits and dashes, as Prefect requires."""
     slug = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-") or "run"
-    return f"approval-{slug}"[:100]
+    return f"{kind}-{slug}"[:100]
 
 
 def await_approval(

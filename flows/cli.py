@@ -177,6 +177,11 @@ def cmd_diff(args) -> int:
                                     until="triage", progress=not args.no_progress)
         report = Path(manifest["policy_diff"])
         print(report.read_text(encoding="utf-8"))
+        asked = manifest.get("judge_requests", 0)
+        if cfg.oracle.backend == "annotations":
+            print(f"judge questions: {asked}, answered from the pairs' annotations (nothing to pay)")
+        else:
+            print(f"judge requests paid by this diff: {asked} (the rest came from the verdict cache)")
         print(f"report: {report}")
         return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from trace_realign.flows.approval import GateClosed, Rejected, await_approval
+from trace_realign.flows.approval import GateClosed, Rejected, artifact_key, await_approval
 from trace_realign.flows.stages import STAGES
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import plots, tracking
@@ -299,6 +299,12 @@ def _realign(
                 report = Path(report_path).read_text(encoding="utf-8")
                 c.log_artifact(pid, report_path, "policy_diff")
                 manifest["policy_diff"] = report_path
+                from prefect.artifacts import create_markdown_artifact
+
+                create_markdown_artifact(
+                    key=artifact_key(cfg.run.name, "policy-diff"), markdown=report,
+                    description=f"What the change from policy.previous to policy.path does to the pairs of run {cfg.run.name!r}",
+                )
             if cfg.approval.required and reaches("reference"):
                 decision = await_approval(
                     report or render_triage_report(

@@ -5,6 +5,7 @@ the step estimate, and ``trace-realign diff`` end to end."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -180,9 +181,19 @@ def test_trace_realign_diff_reports_and_logs_the_diff(tmp_path, tiny_model_dir):
     assert [a.path for a in client.list_artifacts(record["run_id"], "policy_diff")] == [f"policy_diff/{report.name}"]
     diff_run = client.get_run(record["stages"]["diff"]["mlflow_run_id"])
     assert diff_run.data.metrics["diff_moved"] == 24 and diff_run.data.metrics["diff_retain_to_invert"] == 12
+    # The same report is a Markdown artifact of the flow run on the Prefect server (the session's).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["policy-diff-smoke"])))
+    assert [a.data for a in found if str(a.flow_run_id) == record["flow_run_id"]] == [report.read_text()]
+    assert "judge questions: 144, answered from the pairs' annotations (nothing to pay)" in first.stdout  # 36 pairs x 2 x 2 policies
     # Again: every stage from the cache, the same report.
     again = cli(args, tmp_path)
-    assert again.returncode == 0 and again.stdout == first.stdout
+    assert again.returncode == 0 and "judge questions: 0," in again.stdout
+    assert again.stdout.replace("judge questions: 0,", "judge questions: 144,") == first.stdout
     record = json.loads(Path(json.loads(Path(tmp_path / "work" / "runs" / "last.json").read_text())["manifest"]).read_text())
     assert all(info["cached"] for info in record["stages"].values())
     # A previous policy that does not exist is one line before anything runs.
