@@ -34,7 +34,7 @@ def shared_prefect_server():
     api_url = f"http://127.0.0.1:{port}/api"
     proc = launch_server(home, port)
     try:
-        wait_healthy(proc, api_url, server_log_path(home), timeout=120)
+        wait_healthy(proc, api_url, server_log_path(home))  # the product's own bound (SERVER_START_TIMEOUT_S)
         os.environ["PREFECT_API_URL"] = api_url
         yield api_url
     finally:

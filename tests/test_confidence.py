@@ -300,7 +300,7 @@ def test_the_benchmark_runs_its_synthetic_part():
     from tests.test_pipeline import ROOT
 
     proc = subprocess.run(
-        [sys.executable, "benchmarks/confidence_triage.py", "--seeds", "2", "--no-llm"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "benchmarks/confidence_triage.py", "--seeds", "2", "--no-llm"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = dict(line.split("=") for line in proc.stdout.splitlines() if "=" in line and " " not in line)

@@ -23,7 +23,7 @@ from typing import Any
 from trace_realign.core.data import PreferencePair
 from trace_realign.core.oracle.base import prompt_text
 from trace_realign.core.oracle.verdicts import triage_from_verdicts
-from trace_realign.core.triage import TriageType
+from trace_realign.core.triage import TriageType, is_holdout, is_low_confidence
 
 TYPES = [t.value for t in TriageType]
 NO_RULE = "(the judge gave no rule or reason)"
@@ -84,8 +84,7 @@ def decided_by(row: Mapping[str, Any] | None, side: str, min_confidence: float |
     a bare label, else :data:`NO_RULE`."""
     if not row:
         return "no verdict (the pair was not judged)"
-    confidence = row.get(f"{side}_confidence")
-    if min_confidence is not None and row.get(f"{side}_compliant") is not None and confidence is not None and confidence < min_confidence:
+    if row.get(f"{side}_compliant") is not None and is_low_confidence(row.get(f"{side}_confidence"), min_confidence):
         return f"unknown: confidence below triage.min_confidence {min_confidence:g}"
     if row.get(f"{side}_compliant") is None:
         return f"unknown: {row.get(f'{side}_reason') or 'no reason given'}"
@@ -165,8 +164,6 @@ def realignment_cost(
     Optimizer steps: :func:`optimizer_steps`. Judge requests still to pay: corrections, one per
     PUNISH pair with ``corrections``, and the evaluation judge's questions, two per evaluation
     prompt (the reference's and the realigned model's answer), both fewer where cached."""
-    from trace_realign.core.triage import is_holdout
-
     counts = Counter()
     held = 0
     for pair_id, new in diff.new_types.items():
