@@ -4,8 +4,8 @@ Measures: ``trace-realign run --config configs/demo.yaml`` run as a user would, 
 folder and, unless ``--keep-model-cache``, with an empty model cache (``TRACE_REALIGN_HOME`` in a
 temporary folder), so the one-time preparation of the old-policy model (GGUF conversion, then its
 fine-tune) is counted as a newcomer pays it. The installation (``scripts/setup.sh``) is not
-counted. Prints each stage's seconds from the run manifest, the preparation's share, the peak
-resident memory of the run and the before/after metrics.
+counted. Prints each stage's seconds and peak resident memory from the run manifest (the model
+preparation's too), the peak resident memory of the run and the before/after metrics.
 
 Targets: the whole run within 10 minutes (goal) and 12 (bar), peak resident memory at most 4 GiB;
 the last lines are ``goal_ratio=<seconds / 600>``, ``bar_ratio=<seconds / 720>`` and
@@ -61,13 +61,15 @@ def main() -> None:
         return (STAGES.index(stage) if stage in STAGES else len(STAGES), name)
 
     in_order = sorted(manifest["stages"], key=order)
-    stages = {name: manifest["stages"][name]["seconds"] for name in in_order}
-    print(f"{'stage':<12} {'seconds':>9} {'share':>7}")
-    for name, seconds in stages.items():
-        print(f"{name:<12} {seconds:>9.1f} {seconds / total:>7.3f}")
-    outside = total - sum(stages.values())
-    print(f"{'other':<12} {outside:>9.1f} {outside / total:>7.3f}   (model preparation, process and server start-up, summary)")
-    print(f"{'end to end':<12} {total:>9.1f}")
+    print(f"{'stage':<20} {'seconds':>9} {'share':>7} {'peak GiB':>9}")
+    rows = [(name, manifest["stages"][name]) for name in in_order]
+    if "model_preparation" in manifest:
+        rows.insert(0, ("model preparation", manifest["model_preparation"]))
+    for name, info in rows:
+        print(f"{name:<20} {info['seconds']:>9.1f} {info['seconds'] / total:>7.3f} {info['peak_rss_mib'] / 1024:>9.2f}")
+    outside = total - sum(info["seconds"] for _, info in rows)
+    print(f"{'other':<20} {outside:>9.1f} {outside / total:>7.3f}   (process and server start-up, summary)")
+    print(f"{'end to end':<20} {total:>9.1f}")
     peak_gib = peak_rss_mb(children=True) / 1024
     print(f"peak resident memory of the run: {peak_gib:.1f} GiB")
     metrics = manifest["stages"].get("evaluate", {}).get("metrics", {})

@@ -62,9 +62,16 @@ def _print_summary(manifest: dict) -> None:
 
     stages = manifest.get("stages", {})
     print()
-    print(f"{'stage':<12} {'cached':<7} mlflow run")
+    print(f"{'stage':<20} {'cached':<7} {'seconds':>8} {'peak MiB':>9}  mlflow run")
     for stage, info in stages.items():
-        print(f"{stage:<12} {str(info['cached']).lower():<7} {info.get('mlflow_run_id') or ''}")
+        peak = info.get("peak_rss_mib")  # manifests written before it was recorded have none
+        print(
+            f"{stage:<20} {str(info['cached']).lower():<7} {info.get('seconds', 0.0):>8.1f} "
+            f"{'' if peak is None else f'{peak:.0f}':>9}  {info.get('mlflow_run_id') or ''}"
+        )
+    preparation = manifest.get("model_preparation")
+    if preparation:
+        print(f"{'(model prepared)':<20} {'':<7} {preparation['seconds']:>8.1f} {preparation['peak_rss_mib']:>9.0f}")
     evaluation = stages.get("evaluate", {}).get("metrics", {})
     if evaluation:
         print()

@@ -19,6 +19,7 @@ from pathlib import Path
 from prefect import flow
 
 from trace_realign.flows.approval import GateClosed, Rejected, artifact_key, await_approval
+from trace_realign.flows.meter import MemoryMeter
 from trace_realign.flows.stages import STAGES
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import plots, tracking
@@ -31,7 +32,7 @@ from trace_realign.tasks.load import load_data
 from trace_realign.tasks.partition import triage_and_partition
 from trace_realign.tasks.reference import reference_stage
 from trace_realign.tasks.train import train_stage
-from trace_realign.core.assets import read_marker, resolve_model
+from trace_realign.core.assets import KNOWN_MODELS, is_prepared, read_marker, resolve_model
 from trace_realign.core.config import DataConfig, input_files
 from trace_realign.flows.config import PipelineConfig
 from trace_realign.core.data import text_sha256
@@ -113,14 +114,16 @@ def run_stage(task, stage: str, fresh: set[str], record: dict, recompute_if=_mis
     """
     storage = Path(kwargs["run"]["workdir"], "prefect", "results")
     t0 = time.perf_counter()
-    state = task.with_options(refresh_cache=stage in fresh, result_storage=storage)(**kwargs, return_state=True)
-    result = state.result()
-    if state.name == "Cached" and (_missing(result) or recompute_if(result)):
-        state = task.with_options(refresh_cache=True, result_storage=storage)(**kwargs, return_state=True)
+    with MemoryMeter() as memory:
+        state = task.with_options(refresh_cache=stage in fresh, result_storage=storage)(**kwargs, return_state=True)
         result = state.result()
+        if state.name == "Cached" and (_missing(result) or recompute_if(result)):
+            state = task.with_options(refresh_cache=True, result_storage=storage)(**kwargs, return_state=True)
+            result = state.result()
     record[result.stage] = {
         "cached": state.name == "Cached",
         "seconds": time.perf_counter() - t0,
+        "peak_rss_mib": round(memory.peak_mib, 1),
         "task_run_id": str(state.state_details.task_run_id),
         "mlflow_run_id": result.mlflow_run_id,
         "artifacts": result.artifacts,
@@ -186,7 +189,11 @@ def _realign(
     # Content hashes, remembered per file stamp so unchanged large files are not read again.
     memo = HashMemo(workdir / "cache" / "file_hashes.json")
     data_sha = data_fingerprint(cfg.data, memo)
-    model_sha = model_fingerprint(cfg.model.path, memo)
+    prepared = cfg.model.path not in KNOWN_MODELS or is_prepared(cfg.model.path)
+    t0 = time.perf_counter()
+    with MemoryMeter() as memory:
+        model_sha = model_fingerprint(cfg.model.path, memo)  # prepares a known model the first time
+    preparation = None if prepared else {"seconds": time.perf_counter() - t0, "peak_rss_mib": round(memory.peak_mib, 1)}
     files = input_fingerprints(cfg, memo)
     memo.save()
     registered, registered_from = tracking.registered_model_name(cfg.run.name, cfg.mlflow.registered_model_name)
@@ -236,6 +243,8 @@ def _realign(
         "stages": stages,
         "until": until,
     }
+    if preparation:
+        manifest["model_preparation"] = preparation
     status = "FAILED"
 
     def reaches(stage: str) -> bool:
@@ -356,6 +365,10 @@ def _realign(
                 c.set_tag(pid, f"stage.{stage}.cached", str(info["cached"]).lower())
         for stage, info in stages.items():
             tracking.log_metrics(c, pid, {f"{stage}.{k}": v for k, v in info["metrics"].items()})
+            # What this run spent on the stage (a cached stage: the cache lookup).
+            tracking.log_metrics(c, pid, {f"{stage}.seconds": info["seconds"], f"{stage}.peak_rss_mib": info["peak_rss_mib"]})
+        if "model_preparation" in manifest:
+            tracking.log_metrics(c, pid, {f"model_preparation.{k}": v for k, v in manifest["model_preparation"].items()})
         model_id = stages.get("train", {}).get("info", {}).get("model_id")
         if model_id:  # the realigned model (and its registered version) shows on the parent run too
             tracking.log_model_output(c, pid, model_id)

@@ -154,6 +154,11 @@ def test_mlflow_holds_parent_and_stage_runs(tmp_path, judge):
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"load", "judge-0000", "judge-0001", "judge-0002", "triage", "reference", "train"} <= set(children)
     assert children["triage"].data.metrics["triage_invert"] == 8
+    # What each stage cost this run: on the parent run as in the manifest (a Python process with torch is > 100 MiB).
+    for stage in ("load", "reference", "train"):
+        assert parent.data.metrics[f"{stage}.peak_rss_mib"] == manifest["stages"][stage]["peak_rss_mib"] > 100
+        assert parent.data.metrics[f"{stage}.seconds"] == pytest.approx(manifest["stages"][stage]["seconds"])
+    assert "model_preparation" not in manifest  # tiny-random was prepared before
     assert "train/loss" in client.get_metric_history(children["train"].info.run_id, "train/loss")[0].key
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "manifest.json" in artifacts and "plots" in artifacts
@@ -281,11 +286,20 @@ def test_smoke_config_runs_the_whole_dag_from_the_cli(tmp_path):
     """configs/smoke.yaml end to end (annotations oracle, embedding judge for the generations), on
     Prefect's temporary server as a first run is."""
     work = tmp_path / "smoke"
-    proc = cli(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={work}"], ROOT, NO_SERVER)
+    # An empty model cache, as on a newcomer's machine: the run prepares tiny-random first.
+    env = {**NO_SERVER, "TRACE_REALIGN_HOME": str(tmp_path / "home")}
+    proc = cli(["run", "--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.workdir={work}"], ROOT, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "judge_accuracy" in proc.stdout and "manifest:" in proc.stdout
     manifest = json.loads(Path(proc.stdout.split("manifest:")[1].split()[0]).read_text())
     assert manifest["status"] == "FINISHED"
+    assert manifest["model_preparation"]["seconds"] > 0 and manifest["model_preparation"]["peak_rss_mib"] > 100
+    assert "(model prepared)" in proc.stdout
+    # The summary's stage table: seconds and peak memory as the manifest has them.
+    train = manifest["stages"]["train"]
+    assert any(
+        line.split()[:4] == ["train", "false", f"{train['seconds']:.1f}", f"{train['peak_rss_mib']:.0f}"] for line in proc.stdout.splitlines()
+    ), proc.stdout
     evaluation = manifest["stages"]["evaluate"]
     assert {"tpa_before", "tpa_after", "utility_ratio", "judge_accuracy"} <= set(evaluation["metrics"])
     rows = pq.read_table(evaluation["artifacts"]["generations"]["path"]).to_pylist()
