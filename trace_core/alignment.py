@@ -26,7 +26,8 @@ from trace_realign.core.errors import TraceError
 from trace_realign.core.impact import reference_logps
 from trace_realign.core.modeling import add_lora
 from trace_realign.core.objective import Sample, SampleKind
-from trace_realign.core.tokenization import Encoder, pad_sequences
+from trace_realign.core.logprobs import response_tokens
+from trace_realign.core.tokenization import Encoder, SequenceBatch, pad_sequences
 from trace_realign.core.training import train, training_arguments
 
 
@@ -106,7 +107,11 @@ def _merged(peft_model, global_step: int, n_pairs: int, log_history: list[dict])
 
 
 class _SftCollator:
-    """Right-padded (prompt, response) sequences with labels on the response tokens only."""
+    """Right-padded (prompt, response) sequences with labels on the response tokens only.
+
+    ``labels`` is what the Trainer counts the batch's target tokens from (``num_items_in_batch``);
+    the loss itself reads ``response_mask``.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -114,7 +119,31 @@ class _SftCollator:
     def __call__(self, sequences):
         batch = pad_sequences(sequences, self.pad_token_id)
         labels = batch.input_ids.masked_fill(batch.response_mask == 0, -100)
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "response_mask": batch.response_mask, "labels": labels}
+
+
+class SftTrainer(Trainer):
+    """The causal-LM cross-entropy of the response tokens, with the LM head run at those tokens only.
+
+    The loss is the model's own ``labels`` loss (transformers' ``ForCausalLMLoss``): the summed
+    negative log-likelihood of the M response tokens divided by ``num_items_in_batch`` (the
+    target tokens of every micro-batch of the optimizer step) where the Trainer passes it, else
+    by M; multiplied by the number of processes under ``average_tokens_across_devices``, as the
+    Trainer does for a model's loss. No ``[N, T, V]`` logits are formed
+    (:func:`~trace_realign.core.logprobs.response_tokens`).
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = SequenceBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"])  # [N, T] each
+        tokens = response_tokens(model, batch)
+        nll = -tokens.token_logps().sum()  # []
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = nll / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        else:
+            loss = nll / max(1, tokens.targets.numel())
+        return (loss, {"loss": loss}) if return_outputs else loss
 
 
 def sft_align(
@@ -129,8 +158,8 @@ def sft_align(
     """Supervised fine-tuning on the chosen responses (LoRA, merged): the cheaper way to make a
     model follow the policy that chose them (one sequence per pair, no reference pass).
 
-    The loss is the mean token cross-entropy of the chosen responses (prompt tokens masked).
-    ``seed`` draws the adapter and orders the data. Returns (merged model, result); raises
+    The loss is the mean token cross-entropy of the chosen responses (prompt tokens masked), with
+    the LM head at the response tokens only (:class:`SftTrainer`). ``seed`` draws the adapter and orders the data. Returns (merged model, result); raises
     TraceError for no pairs.
     """
     if not pairs:
@@ -139,6 +168,6 @@ def sft_align(
     sequences = [encoder.sequence(p.prompt, p.chosen) for p in pairs]  # the data set: a list
     peft_model = add_lora(model, config.lora, seed=seed)
     args = training_arguments(config, work_dir, seed=seed, progress=False)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=sequences, data_collator=_SftCollator(tokenizer.pad_token_id))
+    trainer = SftTrainer(model=peft_model, args=args, train_dataset=sequences, data_collator=_SftCollator(tokenizer.pad_token_id))
     trainer.train()
     return _merged(peft_model, trainer.state.global_step, len(pairs), trainer.state.log_history)
