@@ -38,6 +38,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow's "Downloading artifacts" bars (registering the model) are not the run's progress.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

@@ -44,6 +44,7 @@ QUIET_LIBRARIES = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 """For processes whose output lands on a console that should show errors only (the flow runs that
 ``watch`` serves): no library warnings, no weight-loading or download progress bars."""

@@ -295,6 +295,7 @@ def test_smoke_config_runs_the_whole_dag_from_the_cli(tmp_path):
     assert manifest["status"] == "FINISHED"
     assert manifest["model_preparation"]["seconds"] > 0 and manifest["model_preparation"]["peak_rss_mib"] > 100
     assert "(model prepared)" in proc.stdout
+    assert "Downloading artifacts" not in proc.stdout + proc.stderr  # MLflow's bars are not the run's progress
     # The summary's stage table: seconds and peak memory as the manifest has them.
     train = manifest["stages"]["train"]
     assert any(
