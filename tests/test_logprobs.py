@@ -145,3 +145,26 @@ def test_token_kl_by_hand():
     ref = torch.log(torch.tensor([[0.5, 0.5]]))
     policy = torch.log(torch.tensor([[0.25, 0.75]]))
     torch.testing.assert_close(token_kl(ref, policy), torch.tensor([0.5 * math.log(2) + 0.5 * math.log(2 / 3)]))
+
+
+def test_the_benchmark_compares_both_paths_on_the_tiny_model():
+    """benchmarks/logprobs.py's smallest run: both paths of both stages, their outputs compared, and
+    the breakdown of what autograd holds for backward, where only the loss row tells the paths apart."""
+    import subprocess
+    import sys
+
+    from tests.test_pipeline import ROOT
+
+    args = ["--model", "tiny-random", "--pairs", "4", "--gold", "2", "--steps", "1", "--repeats", "1"]
+    proc = subprocess.run([sys.executable, "benchmarks/logprobs.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    metrics = dict(line.split("=") for line in lines if "=" in line and " " not in line)
+    for key in ("reference_scores_max_rel_diff", "train_gradient_rel_diff", "train_adapter_max_rel_diff"):
+        assert float(metrics[key]) <= 1e-5, (key, metrics[key])
+    assert {"reference_speedup", "train_speedup", "reference_memory_ratio", "train_memory_ratio"} <= set(metrics)
+    assert "training 2 samples x 4 accumulation" in lines[0]  # the demo's shapes by default
+    rows = {line.split()[0]: line.split()[-2:] for line in lines[lines.index(next(l for l in lines if l.startswith("held for"))) + 2 :] if line.startswith("  ")}
+    loss_full, loss_chunked = map(float, rows["loss"])
+    assert loss_full > loss_chunked
+    assert all(full == chunked for name, (full, chunked) in rows.items() if name.startswith("transformers."))
