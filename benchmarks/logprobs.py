@@ -17,7 +17,12 @@ the default. Memory is the peak resident set during the stage (``VmHWM``, reset 
 minus the resident set before it: what the stage adds over the loaded model; the absolute peaks are
 printed too. The outputs of both paths are compared: impact scores and reference log-probs, and
 the trained adapter. What bounds the memory ratio is printed too: the MiB autograd holds for the
-backward of one training forward, by the module that saved each tensor (``saved_tensors_hooks``).
+backward of one training forward, by the module that saved each tensor (``saved_tensors_hooks``),
+and what bounds the speed ratios: a ``torch.profiler`` profile of one reference batch and of one
+training forward and backward on each path, its self CPU time split into the operators with a
+vocabulary-sized input (the LM head's matmuls, log-softmax, the KL) and the rest (the model body);
+``<stage>_speedup_ceiling`` is the speedup the full path would get if that vocabulary-sized work took
+no time at all, an upper bound for computing the head at fewer positions.
 
 Targets (issue 14): reference stage at least 1.3x faster, training step at least 1.2x faster, each
 stage's peak memory at most 0.6x, outputs equal to 1e-5 relative. The last lines are
@@ -130,6 +135,27 @@ def saved_for_backward(model, samples, settings, pad) -> dict[str, float]:
     return dict(sorted(by_owner.items(), key=lambda kv: -kv[1])), grads
 
 
+def vocabulary_profile(fn, vocab: int) -> dict:
+    """Run ``fn()`` once under ``torch.profiler`` and split the self CPU time of its operators into
+    those with a vocabulary-sized input (a dimension equal to ``vocab``: the LM head's matmuls,
+    the log-softmax, the softmax's backward) and the rest (the model body). Embedding lookups are
+    left out of the vocabulary share (their table is [V, H] but they read N rows). Seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    total = in_vocab = 0.0
+    by_op: dict[str, float] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        seconds = event.self_cpu_time_total / 1e6
+        total += seconds
+        if "embedding" not in event.key and any(vocab in shape for shape in event.input_shapes if isinstance(shape, (list, tuple))):
+            in_vocab += seconds
+            by_op[event.key] = by_op.get(event.key, 0.0) + seconds
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:4]
+    return {"total": total, "vocab": in_vocab, "top": top}
+
+
 # --------------------------------------------------------------------------- the child
 
 
@@ -163,6 +189,7 @@ def child(spec_path: Path) -> None:
     model = add_lora(load_model(spec["model"]), LoraConfig(dropout=0.0), seed=0)
     encoder = Encoder(tokenizer, max_length=spec["max_length"])
     pad = tokenizer.pad_token_id
+    vocab = model.get_output_embeddings().weight.shape[0]
     switch = full_vocabulary_logits if spec["path"] == "full" else contextlib.nullcontext  # a new one for each block
     result: dict = {}
     if spec["stage"] == "reference":
@@ -176,6 +203,10 @@ def child(spec_path: Path) -> None:
             scored = impact_scores(model, samples, g_f, BETA, pad, batch_size=spec["batch_size"])
         result["seconds"] = time.perf_counter() - start
         torch.save({"scores": scored.scores, "ref_logps": scored.ref_logps}, out / "outputs.pt")
+        result["peak_mb"] = peak_mb()
+        with switch():  # after the measured stage: one batch's impact scores (a forward and a backward)
+            one = samples[: spec["batch_size"]]
+            result["profile"] = vocabulary_profile(lambda: impact_scores(model, one, g_f, BETA, pad, batch_size=spec["batch_size"]), vocab)
     else:
         pairs = synthetic_pairs(tokenizer, spec["pairs"], spec["max_length"], seed=3)
         two = pair_samples(encoder, pairs, [SampleKind.PREFER, SampleKind.PUNISH, SampleKind.PREFER], "t")
@@ -212,6 +243,7 @@ def child(spec_path: Path) -> None:
                     p.copy_(initial[n])
         with switch():  # after the measured steps: its memory must not be in their peak, nor lie free for them
             result["saved"], grads = saved_for_backward(model, samples[: spec["train_batch"]], settings, pad)
+            result["profile"] = vocabulary_profile(lambda: saved_for_backward(model, samples[: spec["train_batch"]], settings, pad), vocab)
         torch.save(grads, out / "gradients.pt")
     result.setdefault("peak_mb", peak_mb())
     result["full_calls"] = full_calls[0]
@@ -304,8 +336,20 @@ def main() -> None:
     for owner in sorted(set(f) | set(c), key=lambda k: -max(f.get(k, 0.0), c.get(k, 0.0))):
         print(f"  {owner:<36} {f.get(owner, 0.0):>8.1f} {c.get(owner, 0.0):>8.1f}")
     print(f"  {'total':<36} {sum(f.values()):>8.1f} {sum(c.values()):>8.1f}")
+    print("profile (torch.profiler, self CPU seconds of one reference batch / one training forward and backward),")
+    print(f"  the operators with a vocabulary-sized input (the LM head, log-softmax, KL) against the rest:")
+    print(f"  {'stage':<9} {'path':<8} {'total':>7} {'vocabulary':>10} {'share':>6}  {'ceiling':>7}  largest vocabulary-sized operators")
+    for stage in ("reference", "train"):
+        for path in PATHS:
+            prof = best[stage, path]["profile"]
+            ceiling = prof["total"] / max(prof["total"] - prof["vocab"], 1e-9)  # the speedup if those took no time
+            top = ", ".join(f"{op} {sec:.2f}" for op, sec in prof["top"])
+            print(f"  {stage:<9} {path:<8} {prof['total']:7.2f} {prof['vocab']:10.2f} {100 * prof['vocab'] / prof['total']:5.1f}%  {ceiling:6.2f}x  {top}")
     print_metric("reference_speedup", best["reference", "full"]["seconds"] / best["reference", "chunked"]["seconds"])
     print_metric("train_speedup", best["train", "full"]["seconds"] / best["train", "chunked"]["seconds"])
+    for stage in ("reference", "train"):  # what the full path would gain if its vocabulary-sized work took no time at all
+        prof = best[stage, "full"]["profile"]
+        print_metric(f"{stage}_speedup_ceiling", prof["total"] / max(prof["total"] - prof["vocab"], 1e-9))
     print_metric("reference_memory_ratio", best["reference", "chunked"]["stage_mb"] / best["reference", "full"]["stage_mb"])
     print_metric("train_memory_ratio", best["train", "chunked"]["stage_mb"] / best["train", "full"]["stage_mb"])
     print_metric("reference_scores_max_rel_diff", diffs["reference"], ".2e")

@@ -237,15 +237,20 @@ def test_training_on_response_tokens_equals_training_on_full_logits(tiny_model_d
             result = train(model, tiny_tokenizer, ref.samples, s, tmp_path / folder, progress=False, **kw)
         after = [p.detach() for p in model.parameters() if p.requires_grad]
         assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the steps moved the weights
-        return after, [(h["loss"], h.get("retain_kl")) for h in result.log_history if "loss" in h]
+        return before, after, [(h["loss"], h.get("retain_kl")) for h in result.log_history if "loss" in h]
 
-    chunked, chunked_losses = run("chunked", False)
-    full, full_losses = run("full", True)
+    _, chunked, chunked_losses = run("chunked", False)
+    before, full, full_losses = run("full", True)
     assert len(full_losses) == 3 and all(kl is not None for _, kl in full_losses)  # RETAIN KL in every step's loss
     for (a, ka), (b, kb) in zip(chunked_losses, full_losses):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6) and ka == pytest.approx(kb, rel=1e-4, abs=1e-6)
-    for p, q in zip(chunked, full):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # The two paths' gradients differ by float32 rounding (tests/test_logprobs.py bounds that against
+    # float64). Adam's first updates are about lr * sign(g), so where an element's gradient is near 0
+    # the rounding can move it by up to 2 lr: the weights are compared normwise, to 1% of how far the
+    # 3 steps moved each tensor (a wrong gradient moves most elements by about lr), and the losses of
+    # steps 2 and 3 above, taken at the stepped weights, to 1e-5.
+    for p, q, p0 in zip(chunked, full, before, strict=True):
+        assert (p - q).norm() <= 1e-2 * (q - p0).norm(), ((p - q).norm() / (q - p0).norm()).item()
 
 
 def test_smaller_device_batches_with_more_accumulation_make_the_same_steps(tiny_model_dir, tiny_tokenizer, tmp_path):

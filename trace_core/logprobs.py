@@ -77,29 +77,52 @@ def _chunk_rows(vocab: int) -> int:
 
 
 class _TargetLogProb(torch.autograd.Function):
-    """``log softmax(hidden @ weight^T)[targets]`` row by row in chunks; backward recomputes each chunk."""
+    """``log softmax(hidden @ weight^T)[targets]`` row by row in chunks.
+
+    Where only ``hidden`` needs a gradient (the frozen head of LoRA training and of the impact
+    scores), the forward also forms each row's gradient ``d out_r / d hidden_r = (onehot(y_r) -
+    softmax(z_r)) @ weight`` [H] while the chunk's logits exist, as fused linear cross-entropy
+    kernels do (Liger-Kernel, arXiv 2410.10989), and the backward only scales it by the incoming
+    gradient: two head matmuls per row instead of three. Where ``weight`` needs a gradient too
+    (its gradient needs the incoming one inside the [c, V] product), the backward recomputes each
+    chunk's logits.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, grad_enabled):
         m = hidden.shape[0]
         out = torch.empty(m, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
+        # needs_input_grad says which inputs require grad, also under torch.no_grad(): the caller's mode decides
+        fused = grad_enabled and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        direction = torch.empty_like(hidden) if fused else None  # [M, H]: d out_r / d hidden_r
         for s in range(0, m, chunk):
             logits = F.linear(hidden[s : s + chunk], weight).float()  # [c, V]
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
             out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
-        ctx.save_for_backward(hidden, weight, targets, lse)
+            if fused:
+                d = logits.sub_(lse[s : s + chunk, None]).exp_().neg_()  # -softmax, [c, V], in place of the logits
+                d.scatter_add_(-1, targets[s : s + chunk, None], torch.ones_like(d[:, :1]))  # onehot - softmax
+                direction[s : s + chunk] = d.to(weight.dtype) @ weight  # [c, H]
         ctx.chunk = chunk
+        ctx.fused = fused
+        if fused:
+            ctx.save_for_backward(direction)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, lse)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        grad = grad.float()
+        if ctx.fused:
+            (direction,) = ctx.saved_tensors
+            return (direction.float() * grad[:, None]).to(direction.dtype), None, None, None, None
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad = grad.float()
         for s in range(0, hidden.shape[0], chunk):
             h, g = hidden[s : s + chunk], grad[s : s + chunk, None]  # [c, H], [c, 1]
             # d out_r / d logits_r = onehot(y_r) - softmax(logits_r), times the incoming gradient
@@ -110,7 +133,7 @@ class _TargetLogProb(torch.autograd.Function):
                 grad_hidden[s : s + chunk] = d @ weight  # [c, H]
             if grad_weight is not None:
                 grad_weight.addmm_(d.t(), h)  # [V, H]
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
@@ -119,11 +142,14 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     ``hidden`` [M, H] and ``weight`` [V, H] share a dtype; the logits are computed in it and
     converted to float32, as ``lm_head(h).float()`` would be. At most ``chunk_rows`` rows of
     logits ([chunk_rows, V], float32) exist at a time, forward or backward; the default keeps a
-    chunk at 64 MiB. Differentiable in ``hidden`` and ``weight``.
+    chunk at 64 MiB. Differentiable in ``hidden`` and ``weight``: with grad enabled and only
+    ``hidden`` requiring it (a frozen head), the forward also forms each row's gradient direction
+    [M, H] and the backward scales it, so the head's matmul runs twice per row in all (Liger-Kernel's
+    fused linear cross-entropy, arXiv 2410.10989); otherwise the backward recomputes the logits.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()
-    return _TargetLogProb.apply(hidden, weight, targets, chunk_rows or _chunk_rows(weight.shape[0]))
+    return _TargetLogProb.apply(hidden, weight, targets, chunk_rows or _chunk_rows(weight.shape[0]), torch.is_grad_enabled())
 
 
 @dataclass
