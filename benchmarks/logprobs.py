@@ -34,7 +34,7 @@ after the timed steps can differ by more than the gradients: Adam's first update
 difference into a visible one (SmolLM2, 2 steps: up to 9e-6 on LoRA B weights of 1e-3).
 
     .venv/bin/python benchmarks/logprobs.py [--model smollm2-135m-instruct|tiny-random|PATH] [--pairs 32]
-        [--gold 16] [--batch-size 2] [--train-batch 2] [--accumulation 4] [--max-length 192] [--steps 4] [--warmup 1] [--repeats 2]
+        [--gold 16] [--batch-size 2] [--train-batch 2] [--accumulation 4] [--max-length 192] [--steps 4] [--warmup 1] [--repeats 3]
 
 The smallest run (a check of this script): ``--model tiny-random --pairs 4 --gold 2 --steps 1 --repeats 1``.
 """
@@ -300,7 +300,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=DEMO["training"]["max_length"])
     ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=1, help="optimizer steps before the timed ones")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds, paths alternating; each path's best time is kept (2 cores are noisy)")
     args = ap.parse_args()
     if args.child:
         child(args.child)
