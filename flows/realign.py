@@ -20,6 +20,7 @@ from prefect import flow
 
 from trace_realign.flows.approval import GateClosed, Rejected, artifact_key, await_approval
 from trace_realign.flows.meter import MemoryMeter
+from trace_realign.flows.shutdown import exit_quietly_on_sigterm_at_shutdown
 from trace_realign.flows.stages import STAGES
 from trace_realign.flows.workdir import workdir_lock
 from trace_realign.tasks import plots, tracking
@@ -177,6 +178,8 @@ def realign(
             from prefect.states import Cancelled
 
             return Cancelled(name=closed.state_name, message=str(closed))
+        finally:
+            exit_quietly_on_sigterm_at_shutdown()
 
 
 def _realign(

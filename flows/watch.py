@@ -63,6 +63,7 @@ from typing import Any
 
 from trace_realign.core.errors import ConfigError, TraceError
 from trace_realign.core.policy import load_policy
+from trace_realign.flows.shutdown import exit_quietly_on_sigterm_at_shutdown
 
 # api_url_of too: callers (and the tests) address the server helpers through this module as well.
 from trace_realign.flows.server import (  # noqa: F401
@@ -255,7 +256,10 @@ def watch_policy(policy_path: str, state_path: str, deployment: str) -> dict[str
         logger.info(line)
         print(line, file=sys.stdout, flush=True)
 
-    return check_policy(Path(state_path), policy_path, start_realign, log=log)
+    try:
+        return check_policy(Path(state_path), policy_path, start_realign, log=log)
+    finally:
+        exit_quietly_on_sigterm_at_shutdown()
 
 
 def __getattr__(name: str) -> Any:
