@@ -135,15 +135,15 @@ def saved_for_backward(model, samples, settings, pad) -> dict[str, float]:
     return dict(sorted(by_owner.items(), key=lambda kv: -kv[1])), grads
 
 
-def vocabulary_profile(fn, vocab: int) -> dict:
-    """Run ``fn()`` once under ``torch.profiler`` and split the self CPU time of its operators into
-    those with a vocabulary-sized input (a dimension equal to ``vocab``: the LM head's matmuls,
+def vocabulary_profile(fn, vocab: int) -> tuple[dict, object]:
+    """Run ``fn()`` once under ``torch.profiler``; return (the profile, what ``fn`` returned). The
+    profile splits the self CPU time of its operators into those with a vocabulary-sized input (a dimension equal to ``vocab``: the LM head's matmuls,
     the log-softmax, the softmax's backward) and the rest (the model body). Embedding lookups are
     left out of the vocabulary share (their table is [V, H] but they read N rows). Seconds."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
+        returned = fn()
     total = in_vocab = 0.0
     by_op: dict[str, float] = {}
     for event in prof.key_averages(group_by_input_shape=True):
@@ -153,7 +153,7 @@ def vocabulary_profile(fn, vocab: int) -> dict:
             in_vocab += seconds
             by_op[event.key] = by_op.get(event.key, 0.0) + seconds
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:4]
-    return {"total": total, "vocab": in_vocab, "top": top}
+    return {"total": total, "vocab": in_vocab, "top": top}, returned
 
 
 # --------------------------------------------------------------------------- the child
@@ -206,7 +206,7 @@ def child(spec_path: Path) -> None:
         result["peak_mb"] = peak_mb()
         with switch():  # after the measured stage: one batch's impact scores (a forward and a backward)
             one = samples[: spec["batch_size"]]
-            result["profile"] = vocabulary_profile(lambda: impact_scores(model, one, g_f, BETA, pad, batch_size=spec["batch_size"]), vocab)
+            result["profile"], _ = vocabulary_profile(lambda: impact_scores(model, one, g_f, BETA, pad, batch_size=spec["batch_size"]), vocab)
     else:
         pairs = synthetic_pairs(tokenizer, spec["pairs"], spec["max_length"], seed=3)
         two = pair_samples(encoder, pairs, [SampleKind.PREFER, SampleKind.PUNISH, SampleKind.PREFER], "t")
@@ -242,8 +242,10 @@ def child(spec_path: Path) -> None:
                 if n in initial:
                     p.copy_(initial[n])
         with switch():  # after the measured steps: its memory must not be in their peak, nor lie free for them
-            result["saved"], grads = saved_for_backward(model, samples[: spec["train_batch"]], settings, pad)
-            result["profile"] = vocabulary_profile(lambda: saved_for_backward(model, samples[: spec["train_batch"]], settings, pad), vocab)
+            # one training forward and backward, profiled, with what autograd saved for it by module
+            result["profile"], (result["saved"], grads) = vocabulary_profile(
+                lambda: saved_for_backward(model, samples[: spec["train_batch"]], settings, pad), vocab
+            )
         torch.save(grads, out / "gradients.pt")
     result.setdefault("peak_mb", peak_mb())
     result["full_calls"] = full_calls[0]

@@ -198,7 +198,7 @@ def test_the_benchmark_compares_both_paths_on_the_tiny_model():
     from tests.test_pipeline import ROOT
 
     args = ["--model", "tiny-random", "--pairs", "4", "--gold", "2", "--steps", "1", "--repeats", "1"]
-    proc = subprocess.run([sys.executable, "benchmarks/logprobs.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "benchmarks/logprobs.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     metrics = dict(line.split("=") for line in lines if "=" in line and " " not in line)
